@@ -1,0 +1,278 @@
+"""Read and write Caffe's file formats: net/solver/label-map prototxt, .caffemodel, .solverstate.
+
+Text files are parsed against ``deeper_ssd/proto/caffe.proto``; a syntax or schema error raises
+:class:`PrototxtError` naming ``file:line:column`` and the offending token. Binary files are
+written atomically (temporary file in the same directory, fsync, rename), so an interrupted
+write never leaves a half-written .caffemodel or .solverstate behind.
+"""
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+from google.protobuf import message as _pb_message
+from google.protobuf import text_format
+
+from .proto import caffe_pb2
+
+PathLike = Union[str, os.PathLike]
+
+__all__ = [
+    "PrototxtError", "CaffeFormatError",
+    "parse_text", "read_text", "write_text", "message_to_text",
+    "read_net", "write_net", "read_solver", "write_solver", "read_labelmap", "write_labelmap",
+    "read_caffemodel", "write_caffemodel", "read_solverstate", "write_solverstate",
+    "read_binary", "write_binary", "atomic_write_bytes",
+    "blob_to_array", "array_to_blob", "blob_shape", "upgrade_net",
+]
+
+
+class CaffeFormatError(ValueError):
+    """A file is not a valid Caffe file of the expected kind (the message says why and where)."""
+
+
+class PrototxtError(CaffeFormatError):
+    """A text-format parse error located at ``source:line:column`` with the offending token."""
+
+    def __init__(self, source: str, line: int, column: int, token: str, reason: str):
+        self.source, self.line, self.column, self.token, self.reason = source, line, column, token, reason
+        where = f"{source}:{line}:{column}" if line > 0 else source
+        near = f" (at {token!r})" if token else ""
+        super().__init__(f"{where}: {reason}{near}")
+
+
+_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|[-+]?[\w.]+|\S')
+_V1_LAYERS = re.compile(r"^\s*layers\s*\{", re.MULTILINE)
+
+
+def _token_at(text: str, line: int, column: int) -> str:
+    """The token starting at 1-based (line, column) of ``text``, or '' past the end."""
+    lines = text.splitlines()
+    if not 1 <= line <= len(lines):
+        return ""
+    match = _TOKEN.search(lines[line - 1], max(column - 1, 0))
+    return match.group(0) if match else ""
+
+
+def _refuse_v1(source: str) -> CaffeFormatError:
+    return CaffeFormatError(
+        f"{source}: legacy V1 net format ('layers {{ ... }}' with enum layer types) is not supported; "
+        "upgrade it with Caffe's upgrade_net_proto_text tool, which writes 'layer { type: \"...\" }' entries")
+
+
+def parse_text(text: str, message: _pb_message.Message, source: str = "<string>"):
+    """Parse prototxt ``text`` into ``message`` (modified in place and returned).
+
+    Raises PrototxtError (file:line:col + token) on any syntax or schema error.
+    """
+    try:
+        text_format.Parse(text, message)
+    except text_format.ParseError as err:
+        if isinstance(message, caffe_pb2.NetParameter) and _V1_LAYERS.search(text):
+            raise _refuse_v1(source) from None
+        reason = str(err)
+        reason = re.sub(r"^\d+:\d+ : ", "", reason)          # location is re-added below
+        reason = re.sub(r"^'.*?': ", "", reason, count=1)    # protobuf sometimes echoes the line
+        line, column = err.GetLine() or 0, err.GetColumn() or 0
+        raise PrototxtError(source, line, column, _token_at(text, line, column),
+                            reason.rstrip(".")) from None
+    if isinstance(message, caffe_pb2.NetParameter) and len(message.layers):
+        raise _refuse_v1(source)
+    return message
+
+
+def read_text(path: PathLike, message_type):
+    """Parse the text file at ``path`` as ``message_type`` (a caffe_pb2 class)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise CaffeFormatError(f"{path}: cannot read: {err.strerror or err}") from None
+    return parse_text(text, message_type(), str(path))
+
+
+def message_to_text(message) -> str:
+    """Caffe-style prototxt text for ``message`` (two-space indent, enums by name)."""
+    return text_format.MessageToString(message)
+
+
+def write_text(message, path: PathLike) -> None:
+    """Write ``message`` as prototxt, atomically."""
+    atomic_write_bytes(path, message_to_text(message).encode())
+
+
+def read_net(path: PathLike) -> caffe_pb2.NetParameter:
+    """Parse a net prototxt (train/test/deploy) exactly as written (see :func:`upgrade_net`)."""
+    return read_text(path, caffe_pb2.NetParameter)
+
+
+def write_net(net: caffe_pb2.NetParameter, path: PathLike) -> None:
+    write_text(net, path)
+
+
+def read_solver(path: PathLike) -> caffe_pb2.SolverParameter:
+    return read_text(path, caffe_pb2.SolverParameter)
+
+
+def write_solver(solver: caffe_pb2.SolverParameter, path: PathLike) -> None:
+    write_text(solver, path)
+
+
+def read_labelmap(path: PathLike) -> caffe_pb2.LabelMap:
+    """Parse a LabelMap prototxt; names and labels must each be unique (as the SSD fork checks)."""
+    labelmap = read_text(path, caffe_pb2.LabelMap)
+    for field in ("name", "label"):
+        seen = {}
+        for item in labelmap.item:
+            value = getattr(item, field)
+            if value in seen:
+                raise CaffeFormatError(f"{path}: duplicate {field} {value!r} in label map")
+            seen[value] = item
+    return labelmap
+
+
+def write_labelmap(labelmap: caffe_pb2.LabelMap, path: PathLike) -> None:
+    write_text(labelmap, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# binary files
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers only ever see the old or the complete new file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def read_binary(path: PathLike, message_type):
+    """Parse a binary protobuf file as ``message_type``; a clear error when it is not one."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise CaffeFormatError(f"{path}: cannot read: {err.strerror or err}") from None
+    message = message_type()
+    try:
+        message.ParseFromString(data)
+    except _pb_message.DecodeError as err:
+        raise CaffeFormatError(
+            f"{path}: not a binary {message_type.DESCRIPTOR.name} ({err}); "
+            "is it a text prototxt or a truncated file?") from None
+    return message
+
+
+def write_binary(message, path: PathLike) -> None:
+    atomic_write_bytes(path, message.SerializeToString())
+
+
+def read_caffemodel(path: PathLike) -> caffe_pb2.NetParameter:
+    """Read a .caffemodel (binary NetParameter with layer blobs)."""
+    net = read_binary(path, caffe_pb2.NetParameter)
+    if len(net.layers):
+        raise _refuse_v1(str(path))
+    return net
+
+
+def write_caffemodel(net: caffe_pb2.NetParameter, path: PathLike) -> None:
+    write_binary(net, path)
+
+
+def read_solverstate(path: PathLike) -> caffe_pb2.SolverState:
+    return read_binary(path, caffe_pb2.SolverState)
+
+
+def write_solverstate(state: caffe_pb2.SolverState, path: PathLike) -> None:
+    write_binary(state, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# blobs
+
+_LEGACY_DIMS = ("num", "channels", "height", "width")
+
+
+def blob_shape(blob: caffe_pb2.BlobProto) -> tuple:
+    """Shape of a BlobProto: the legacy 4-D num/channels/height/width when any is set, else shape."""
+    if any(blob.HasField(f) for f in _LEGACY_DIMS):
+        return tuple(getattr(blob, f) for f in _LEGACY_DIMS)
+    return tuple(blob.shape.dim)
+
+
+def blob_to_array(blob: caffe_pb2.BlobProto, diff: bool = False) -> np.ndarray:
+    """BlobProto -> numpy array (float64 when double_data/double_diff is used, else float32)."""
+    shape = blob_shape(blob)
+    doubles = blob.double_diff if diff else blob.double_data
+    values = np.asarray(doubles, dtype=np.float64) if len(doubles) else \
+        np.asarray(blob.diff if diff else blob.data, dtype=np.float32)
+    expected = int(np.prod(shape)) if shape else 1
+    if values.size != expected:
+        raise CaffeFormatError(f"blob of shape {shape} holds {values.size} values, expected {expected}")
+    return values.reshape(shape)
+
+
+def array_to_blob(array, diff=None) -> caffe_pb2.BlobProto:
+    """numpy array (or torch tensor) -> BlobProto with ``shape`` and packed float32 ``data``."""
+    array = np.asarray(_to_numpy(array), dtype=np.float32)
+    blob = caffe_pb2.BlobProto()
+    blob.shape.dim.extend(array.shape)
+    blob.data.extend(array.ravel().tolist())
+    if diff is not None:
+        blob.diff.extend(np.asarray(_to_numpy(diff), dtype=np.float32).ravel().tolist())
+    return blob
+
+
+def _to_numpy(value):
+    detach = getattr(value, "detach", None)
+    return detach().cpu().numpy() if detach is not None else value
+
+
+# ---------------------------------------------------------------------------------------------
+# upgrades Caffe applies when it loads a net
+
+def upgrade_net(net: caffe_pb2.NetParameter) -> caffe_pb2.NetParameter:
+    """Return a copy with Caffe's load-time upgrades applied.
+
+    Net-level ``input``/``input_shape``/``input_dim`` become one ``Input`` layer named
+    ``input`` placed first (as Caffe's UpgradeNetInput does). Nets without them come back equal.
+    """
+    out = caffe_pb2.NetParameter()
+    out.CopyFrom(net)
+    if not len(net.input):
+        return out
+    if len(net.input_dim) and len(net.input_dim) != 4 * len(net.input):
+        raise CaffeFormatError(f"net {net.name!r}: input_dim needs 4 values per input "
+                               f"({len(net.input)} inputs, {len(net.input_dim)} values)")
+    if len(net.input_shape) and len(net.input_shape) not in (1, len(net.input)):
+        raise CaffeFormatError(f"net {net.name!r}: {len(net.input_shape)} input_shape entries "
+                               f"for {len(net.input)} inputs")
+    layer = caffe_pb2.LayerParameter(name="input", type="Input")
+    for i, name in enumerate(net.input):
+        layer.top.append(name)
+        shape = layer.input_param.shape.add()
+        if len(net.input_shape):
+            shape.CopyFrom(net.input_shape[min(i, len(net.input_shape) - 1)])
+        elif len(net.input_dim):
+            shape.dim.extend(net.input_dim[4 * i: 4 * i + 4])
+    del out.layer[:]
+    out.layer.append(layer)
+    out.layer.extend(net.layer)
+    for field in ("input", "input_shape", "input_dim"):
+        out.ClearField(field)
+    return out

@@ -1,0 +1,398 @@
+"""Element-wise, shape and normalisation layers with Caffe semantics.
+
+ReLU, Sigmoid, TanH, Dropout, Concat, Eltwise, Split, Silence, Permute, Flatten, Reshape,
+Softmax, Normalize, BatchNorm, Scale, Bias.
+"""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+import torch.nn.functional as F
+
+from ..proto import caffe_pb2
+from .base import Layer, Shape, canonical_axis, count, format_shape
+from .registry import register
+
+_ELTWISE = caffe_pb2.EltwiseParameter
+
+
+def _describe_bottoms(layer: Layer, bottoms: List[Shape]) -> str:
+    return ", ".join(f"'{name}' {format_shape(shape)}" for name, shape in zip(layer.lp.bottom, bottoms))
+
+
+class _Identity(Layer):
+    """Shape rule of element-wise layers: the top has the bottom's shape."""
+
+    def setup(self, bottoms: List[Shape]) -> List[Shape]:
+        return [bottoms[0]]
+
+
+@register
+class ReLU(_Identity):
+    """``max(x, 0) + negative_slope * min(x, 0)``."""
+
+    caffe_type = "ReLU"
+
+    def setup(self, bottoms):
+        self.negative_slope = self.lp.relu_param.negative_slope
+        return super().setup(bottoms)
+
+    def forward(self, x):
+        if self.negative_slope == 0:
+            return F.relu(x)
+        return F.leaky_relu(x, self.negative_slope)
+
+
+@register
+class Sigmoid(_Identity):
+    caffe_type = "Sigmoid"
+
+    def forward(self, x):
+        return torch.sigmoid(x)
+
+
+@register
+class TanH(_Identity):
+    caffe_type = "TanH"
+
+    def forward(self, x):
+        return torch.tanh(x)
+
+
+@register
+class Dropout(_Identity):
+    """TRAIN: zero with probability ``dropout_ratio``, scale survivors by ``1/(1-ratio)``; TEST: identity."""
+
+    caffe_type = "Dropout"
+
+    def setup(self, bottoms):
+        self.ratio = self.lp.dropout_param.dropout_ratio
+        if not 0.0 <= self.ratio < 1.0:
+            raise ValueError(f"dropout_ratio {self.ratio} must be in [0, 1)")
+        return super().setup(bottoms)
+
+    def forward(self, x):
+        return F.dropout(x, self.ratio, training=self.phase == caffe_pb2.TRAIN)
+
+
+@register
+class Concat(Layer):
+    """Join the bottoms along ``axis`` (legacy ``concat_dim`` honoured); other axes must agree."""
+
+    caffe_type = "Concat"
+    num_bottoms = (1, None)
+
+    def setup(self, bottoms):
+        p = self.lp.concat_param
+        first = bottoms[0]
+        if any(len(s) != len(first) for s in bottoms):
+            raise self.error(f"bottoms have different numbers of axes: {_describe_bottoms(self, bottoms)}")
+        self.axis = p.concat_dim if p.HasField("concat_dim") else canonical_axis(p.axis, len(first))
+        for shape in bottoms[1:]:
+            if any(a != b for i, (a, b) in enumerate(zip(first, shape)) if i != self.axis):
+                raise self.error(f"bottoms disagree outside concat axis {self.axis}: "
+                                 f"{_describe_bottoms(self, bottoms)}")
+        top = list(first)
+        top[self.axis] = sum(s[self.axis] for s in bottoms)
+        return [tuple(top)]
+
+    def forward(self, *xs):
+        return torch.cat(xs, dim=self.axis) if len(xs) > 1 else xs[0]
+
+
+@register
+class Eltwise(Layer):
+    """Element-wise PROD, SUM (with optional per-bottom ``coeff``) or MAX of equal-shaped bottoms."""
+
+    caffe_type = "Eltwise"
+    num_bottoms = (2, None)
+
+    def setup(self, bottoms):
+        p = self.lp.eltwise_param
+        if any(s != bottoms[0] for s in bottoms):
+            raise self.error(f"bottoms must have equal shapes: {_describe_bottoms(self, bottoms)}")
+        self.operation = p.operation
+        if len(p.coeff) and p.operation != _ELTWISE.SUM:
+            raise ValueError("coeff is only allowed with operation SUM")
+        if len(p.coeff) not in (0, len(bottoms)):
+            raise ValueError(f"coeff has {len(p.coeff)} values for {len(bottoms)} bottoms")
+        self.coeff = list(p.coeff)
+        return [bottoms[0]]
+
+    def forward(self, *xs):
+        if self.operation == _ELTWISE.SUM:
+            if not self.coeff:
+                return torch.stack(xs).sum(0) if len(xs) > 2 else xs[0] + xs[1]
+            out = xs[0] * self.coeff[0]
+            for x, c in zip(xs[1:], self.coeff[1:]):
+                out = out + c * x
+            return out
+        out = xs[0]
+        for x in xs[1:]:
+            out = out * x if self.operation == _ELTWISE.PROD else torch.maximum(out, x)
+        return out
+
+
+@register
+class Split(Layer):
+    """Copy one bottom to several tops (Caffe inserts these automatically; explicit ones work too)."""
+
+    caffe_type = "Split"
+    num_tops = (1, None)
+
+    def setup(self, bottoms):
+        return [bottoms[0]] * len(self.lp.top)
+
+    def forward(self, x):
+        return tuple(x for _ in self.lp.top)
+
+
+@register
+class Silence(Layer):
+    """Consume bottoms, produce nothing (keeps unused tops out of the net outputs)."""
+
+    caffe_type = "Silence"
+    num_bottoms = (1, None)
+    num_tops = (0, 0)
+
+    def setup(self, bottoms):
+        return []
+
+    def forward(self, *xs):
+        return ()
+
+
+@register
+class Permute(Layer):
+    """Top axis ``i`` is bottom axis ``order[i]``; unlisted axes follow in their natural order."""
+
+    caffe_type = "Permute"
+
+    def setup(self, bottoms):
+        shape = bottoms[0]
+        order = list(self.lp.permute_param.order)
+        if len(set(order)) != len(order):
+            raise ValueError(f"order {order} repeats an axis")
+        if any(a >= len(shape) for a in order):
+            raise ValueError(f"order {order} names an axis beyond the bottom's {len(shape)} axes")
+        order += [a for a in range(len(shape)) if a not in order]
+        self.order = tuple(order)
+        self.identity = self.order == tuple(range(len(shape)))
+        return [tuple(shape[a] for a in self.order)]
+
+    def forward(self, x):
+        return x if self.identity else x.permute(self.order).contiguous()
+
+
+@register
+class Flatten(Layer):
+    """Merge axes ``axis..end_axis`` into one."""
+
+    caffe_type = "Flatten"
+
+    def setup(self, bottoms):
+        shape = bottoms[0]
+        p = self.lp.flatten_param
+        self.start = canonical_axis(p.axis, len(shape), "flatten axis")
+        self.end = canonical_axis(p.end_axis, len(shape), "flatten end_axis")
+        if self.end < self.start:
+            raise ValueError(f"end_axis {p.end_axis} comes before axis {p.axis}")
+        return [shape[:self.start] + (count(shape, self.start, self.end + 1),) + shape[self.end + 1:]]
+
+    def forward(self, x):
+        return x.flatten(self.start, self.end)
+
+
+@register
+class Reshape(Layer):
+    """Replace bottom axes ``[axis, axis + num_axes)`` by ``shape``: 0 copies the bottom dim at
+    that position, -1 is inferred (at most one)."""
+
+    caffe_type = "Reshape"
+
+    def setup(self, bottoms):
+        shape = bottoms[0]
+        p = self.lp.reshape_param
+        dims = list(p.shape.dim)
+        if dims.count(-1) > 1:
+            raise ValueError(f"shape {dims} has more than one -1")
+        if any(d < -1 for d in dims):
+            raise ValueError(f"shape {dims} has a negative dimension other than -1")
+        start = p.axis + len(shape) + 1 if p.axis < 0 else p.axis
+        if not 0 <= start <= len(shape):
+            raise ValueError(f"axis {p.axis} out of range for a {len(shape)}-axis bottom")
+        if p.num_axes < -1:
+            raise ValueError(f"num_axes {p.num_axes} must be >= -1")
+        end = len(shape) if p.num_axes == -1 else start + p.num_axes
+        if end > len(shape):
+            raise ValueError(f"axis {p.axis} + num_axes {p.num_axes} exceed the bottom's axes")
+        new = []
+        for i, d in enumerate(dims):
+            if d == 0:
+                if start + i >= len(shape):
+                    raise ValueError(f"dim {i} is 0 (copy) but the bottom has no axis {start + i}")
+                d = shape[start + i]
+            new.append(d)
+        top = list(shape[:start]) + new + list(shape[end:])
+        if -1 in new:
+            known = count([d for d in top if d != -1])
+            total = count(shape)
+            if known == 0 or total % known:
+                raise ValueError(f"cannot infer -1 in {dims} for bottom {format_shape(shape)}")
+            top[top.index(-1)] = total // known
+        if count(top) != count(shape):
+            raise ValueError(f"shape {format_shape(top)} does not hold the bottom's "
+                             f"{count(shape)} values ({format_shape(shape)})")
+        self.start, self.end, self.dims = start, end, dims
+        return [tuple(top)]
+
+    def forward(self, x):
+        new = [x.shape[self.start + i] if d == 0 else d for i, d in enumerate(self.dims)]
+        return x.reshape(tuple(x.shape[:self.start]) + tuple(new) + tuple(x.shape[self.end:]))
+
+
+@register
+class Softmax(_Identity):
+    caffe_type = "Softmax"
+
+    def setup(self, bottoms):
+        self.axis = canonical_axis(self.lp.softmax_param.axis, len(bottoms[0]), "softmax axis")
+        return super().setup(bottoms)
+
+    def forward(self, x):
+        return torch.softmax(x, dim=self.axis)
+
+
+@register
+class Normalize(_Identity):
+    """SSD's L2 normalisation with a learned scale.
+
+    ``across_spatial: false``: ``y = x / sqrt(eps + sum_c x^2) * s`` per pixel;
+    ``true``: one norm ``sqrt(sum_{c,h,w} x^2 + eps)`` per image. ``s`` is one scalar
+    (``channel_shared``, a 0-axis blob) or one value per channel.
+    """
+
+    caffe_type = "Normalize"
+
+    def setup(self, bottoms):
+        shape = bottoms[0]
+        if len(shape) < 2:
+            raise ValueError(f"needs at least 2 axes, got {format_shape(shape)}")
+        p = self.lp.norm_param
+        self.across_spatial, self.channel_shared, self.eps = p.across_spatial, p.channel_shared, p.eps
+        filler = p.scale_filler if p.HasField("scale_filler") else caffe_pb2.FillerParameter(type="constant", value=1.0)
+        self.scale = self.add_blob(() if self.channel_shared else (shape[1],), filler)
+        return super().setup(bottoms)
+
+    def forward(self, x):
+        dims = tuple(range(1, x.dim())) if self.across_spatial else (1,)
+        norm = torch.sqrt(x.pow(2).sum(dim=dims, keepdim=True) + self.eps)
+        scale = self.scale if self.channel_shared else self.scale.view((1, -1) + (1,) * (x.dim() - 2))
+        return x / norm * scale
+
+
+@register
+class BatchNorm(_Identity):
+    """Caffe BatchNorm (no affine part; pair it with Scale). Blobs: running mean sum ``[C]``,
+    running variance sum ``[C]``, accumulation weight ``[1]``; none are learned by the solver."""
+
+    caffe_type = "BatchNorm"
+
+    def setup(self, bottoms):
+        shape = bottoms[0]
+        p = self.lp.batch_norm_param
+        self.use_global_stats = (p.use_global_stats if p.HasField("use_global_stats")
+                                 else self.phase == caffe_pb2.TEST)
+        self.fraction, self.eps = p.moving_average_fraction, p.eps
+        channels = shape[1] if len(shape) > 1 else 1
+        for blob_shape in ((channels,), (channels,), (1,)):
+            self.add_blob(blob_shape, None, learnable=False)
+        return super().setup(bottoms)
+
+    def forward(self, x):
+        mean_sum, var_sum, weight = self.blobs
+        view = (1, -1) + (1,) * (x.dim() - 2)
+        if self.use_global_stats:
+            factor = torch.where(weight == 0, torch.zeros_like(weight), 1.0 / weight)
+            mean, var = mean_sum * factor, var_sum * factor
+        else:
+            dims = [d for d in range(x.dim()) if d != 1]
+            mean = x.mean(dim=dims)
+            var = x.var(dim=dims, unbiased=False)
+            m = x.numel() // x.shape[1]
+            with torch.no_grad():
+                weight.mul_(self.fraction).add_(1.0)
+                mean_sum.mul_(self.fraction).add_(mean.detach())
+                var_sum.mul_(self.fraction).add_(var.detach() * (m / max(m - 1, 1)))
+        return (x - mean.view(view)) / torch.sqrt(var.view(view) + self.eps)
+
+
+class _AxisParameterLayer(Layer):
+    """Shared by Scale and Bias: a second bottom or a learned blob covering ``axis..axis+num_axes``,
+    broadcast over the remaining axes."""
+
+    num_bottoms = (1, 2)
+
+    def _operand_shape(self, bottoms, axis_field: int, num_axes: int) -> Shape:
+        shape = bottoms[0]
+        if len(bottoms) == 2:
+            operand = bottoms[1]
+            axis = canonical_axis(axis_field, len(shape)) if operand else 0
+        else:
+            axis = canonical_axis(axis_field, len(shape))
+            if num_axes < -1:
+                raise ValueError(f"num_axes {num_axes} must be >= -1")
+            end = len(shape) if num_axes == -1 else axis + num_axes
+            if end > len(shape):
+                raise ValueError(f"axis {axis_field} + num_axes {num_axes} exceed the bottom's axes")
+            operand = shape[axis:end]
+        if tuple(shape[axis:axis + len(operand)]) != tuple(operand):
+            raise self.error(f"operand {format_shape(operand)} does not match bottom "
+                             f"{format_shape(shape)} from axis {axis}: {_describe_bottoms(self, bottoms)}")
+        self.view = (1,) * axis + tuple(operand) + (1,) * (len(shape) - axis - len(operand))
+        return tuple(operand)
+
+
+@register
+class Scale(_AxisParameterLayer):
+    """``y = x * s (+ b)``; ``s`` is bottom 1 or a learned blob (default 1), ``b`` learned (default 0)."""
+
+    caffe_type = "Scale"
+
+    def setup(self, bottoms):
+        p = self.lp.scale_param
+        operand = self._operand_shape(bottoms, p.axis, p.num_axes)
+        if len(bottoms) == 1:
+            self.add_blob(operand, p.filler if p.HasField("filler")
+                          else caffe_pb2.FillerParameter(type="constant", value=1.0))
+        self.bias_term = p.bias_term
+        if self.bias_term:
+            self.add_blob(operand, p.bias_filler if p.HasField("bias_filler") else None)
+        return [bottoms[0]]
+
+    def forward(self, x, scale=None):
+        blobs = list(self.blobs)
+        if scale is None:
+            scale = blobs.pop(0)
+        out = x * scale.reshape(self.view)
+        if self.bias_term:
+            out = out + blobs[0].reshape(self.view)
+        return out
+
+
+@register
+class Bias(_AxisParameterLayer):
+    """``y = x + b``; ``b`` is bottom 1 or a learned blob (default 0)."""
+
+    caffe_type = "Bias"
+
+    def setup(self, bottoms):
+        p = self.lp.bias_param
+        operand = self._operand_shape(bottoms, p.axis, p.num_axes)
+        if len(bottoms) == 1:
+            self.add_blob(operand, p.filler if p.HasField("filler") else None)
+        return [bottoms[0]]
+
+    def forward(self, x, bias=None):
+        return x + (self.blobs[0] if bias is None else bias).reshape(self.view)
