@@ -1,0 +1,193 @@
+"""PriorBox: Caffe's order, integer truncation, steps, offsets, clip and variances
+(caffe-ssd-semantics.md §3.1, §6.2-6.4); real Caffe and OpenCV parity when available."""
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from deeper_ssd import io, shapes
+from deeper_ssd.layers import LayerError
+from deeper_ssd.proto import caffe_pb2
+from layer_harness import build, run_caffe
+
+
+def prior_layer(params: str) -> str:
+    return (f'name: "pb" type: "PriorBox" bottom: "f" bottom: "data" top: "pb" '
+            f'prior_box_param {{ {params} }}')
+
+
+def priors(params, feature_hw, image_hw, dtype=torch.float32):
+    layer = build(prior_layer(params), [(1, 8, *feature_hw), (1, 3, *image_hw)])
+    out = layer(torch.zeros(1, 8, *feature_hw, dtype=dtype), torch.zeros(1, 3, *image_hw, dtype=dtype))
+    assert tuple(out.shape) == layer.top_shapes[0]
+    return out
+
+
+SSD300_CONV4 = ("min_size: 30 max_size: 60 aspect_ratio: 2 flip: true clip: false "
+                "variance: 0.1 variance: 0.1 variance: 0.2 variance: 0.2 step: 8 offset: 0.5")
+
+
+def test_ssd300_first_priors_and_variances():
+    out = priors(SSD300_CONV4, (38, 38), (300, 300))
+    assert out.shape == (1, 2, 38 * 38 * 4 * 4)
+    boxes = out[0, 0].view(-1, 4).numpy()
+    expected = np.array([[-0.0366667, -0.0366667, 0.0633333, 0.0633333],
+                         [-0.0573773, -0.0573773, 0.0840440, 0.0840440],
+                         [-0.0573773, -0.0220220, 0.0840440, 0.0486887],
+                         [-0.0220220, -0.0573773, 0.0486887, 0.0840440],
+                         [-0.0100000, -0.0366667, 0.0900000, 0.0633333],
+                         [-0.0307107, -0.0573773, 0.1107107, 0.0840440]])
+    np.testing.assert_allclose(boxes[:6], expected, atol=5e-7)
+    var = out[0, 1].view(-1, 4).numpy()
+    np.testing.assert_array_equal(var, np.tile(np.float32([0.1, 0.1, 0.2, 0.2]), (len(var), 1)))
+    # rows outer, columns inner: prior 4*38 is the first box of cell (1, 0)
+    np.testing.assert_allclose(boxes[4 * 38], [-0.0366667, -0.01, 0.0633333, 0.09], atol=5e-7)
+
+
+def test_ssd512_sizes_are_truncated_to_int():
+    out = priors("min_size: 35.84 max_size: 76.8 aspect_ratio: 2 step: 8", (64, 64), (512, 512))
+    boxes = out[0, 0].view(-1, 4).numpy()
+    np.testing.assert_allclose(boxes[0], [-0.0263672] * 2 + [0.0419922] * 2, atol=5e-7)
+    np.testing.assert_allclose(boxes[1], [-0.0425539] * 2 + [0.0581789] * 2, atol=5e-7)
+    # the float size 35.84 would put xmax at 0.04281: the truncated 35 is what Caffe uses
+    assert abs(boxes[0, 2] - (4 + 35.84 / 2) / 512) > 8e-4
+
+
+def test_caffe_unit_test_values_and_default_variance():
+    """src/caffe/test/test_prior_box_layer.cpp: 10x10 map, 100x100 image, min 4, max 9."""
+    out = priors("min_size: 4 max_size: 9", (10, 10), (100, 100))
+    boxes = out[0, 0].view(-1, 4).numpy()
+    assert len(boxes) == 10 * 10 * 2
+    np.testing.assert_allclose(boxes[0], [0.03, 0.03, 0.07, 0.07], atol=1e-7)
+    np.testing.assert_allclose(boxes[1], [0.02, 0.02, 0.08, 0.08], atol=1e-7)
+    np.testing.assert_array_equal(out[0, 1].numpy(), np.float32(0.1))
+
+
+def test_ratio_list_order_dedup_and_flip():
+    layer = build(prior_layer("min_size: 10 aspect_ratio: 2 aspect_ratio: 3 aspect_ratio: 2.0000001 "
+                              "aspect_ratio: 1"), [(1, 1, 1, 1), (1, 3, 100, 100)])
+    np.testing.assert_allclose(layer.aspect_ratios, [1, 2, 0.5, 3, 1 / 3], rtol=1e-7)
+    assert layer.num_priors == 5
+    noflip = build(prior_layer("min_size: 10 aspect_ratio: 2 aspect_ratio: 3 flip: false"),
+                   [(1, 1, 1, 1), (1, 3, 100, 100)])
+    assert noflip.aspect_ratios == [1, 2, 3]
+    out = priors("min_size: 10 aspect_ratio: 2 aspect_ratio: 3", (1, 1), (100, 100))
+    boxes = out[0, 0].view(-1, 4).numpy() * 100
+    widths, heights = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    np.testing.assert_allclose(widths, [10, 10 * 2 ** 0.5, 10 / 2 ** 0.5, 10 * 3 ** 0.5, 10 / 3 ** 0.5],
+                               rtol=1e-5)
+    np.testing.assert_allclose(widths * heights, 100, rtol=1e-5)
+
+
+def test_several_min_sizes_order():
+    """For each min size: min box, sqrt(min*max) box, ratio boxes; then the next min size."""
+    out = priors("min_size: 10 min_size: 20 max_size: 40 max_size: 80 aspect_ratio: 2", (1, 1), (100, 100))
+    boxes = out[0, 0].view(-1, 4).numpy() * 100
+    widths = boxes[:, 2] - boxes[:, 0]
+    np.testing.assert_allclose(widths, [10, 20, 10 * 2 ** 0.5, 10 / 2 ** 0.5,
+                                        20, 40, 20 * 2 ** 0.5, 20 / 2 ** 0.5], rtol=1e-5)
+
+
+def test_steps_offset_image_size_and_clip():
+    # no step: img/layer in float (100/3 = 33.333), offset 0.25
+    out = priors("min_size: 10 offset: 0.25", (3, 3), (100, 100))
+    c = out[0, 0].view(-1, 4).numpy()
+    centre_x = (c[:, 0] + c[:, 2]) / 2 * 100
+    np.testing.assert_allclose(centre_x[:3], np.float32([0.25, 1.25, 2.25]) * np.float32(100 / 3), rtol=1e-6)
+    # step_h / step_w and img_h / img_w override the data blob (which here is 1x1)
+    out = priors("min_size: 10 step_h: 10 step_w: 20 img_h: 50 img_w: 200", (2, 2), (1, 1))
+    c = out[0, 0].view(-1, 4).numpy()
+    np.testing.assert_allclose(c[1], [(30 - 5) / 200, (5 - 5) / 50, (30 + 5) / 200, (5 + 5) / 50], atol=1e-7)
+    np.testing.assert_allclose(c[2], [(10 - 5) / 200, (15 - 5) / 50, (10 + 5) / 200, (15 + 5) / 50], atol=1e-7)
+    out = priors("min_size: 60 img_size: 100 step: 50 clip: true", (2, 2), (7, 7))
+    c = out[0, 0].view(-1, 4).numpy()
+    np.testing.assert_allclose(c[0], [0, 0, 0.55, 0.55], atol=1e-7)
+    np.testing.assert_allclose(c[3], [0.45, 0.45, 1, 1], atol=1e-7)
+
+
+def test_single_variance_and_float64():
+    out = priors("min_size: 10 variance: 0.3", (2, 2), (10, 10), dtype=torch.float64)
+    assert out.dtype == torch.float64
+    np.testing.assert_array_equal(out[0, 1].numpy(), np.float64(np.float32(0.3)))  # proto float
+
+
+@pytest.mark.parametrize("params,message", [
+    ("aspect_ratio: 2", "min_size"),
+    ("min_size: 0", "positive"),
+    ("min_size: 10 max_size: 5", "greater"),
+    ("min_size: 10 min_size: 20 max_size: 30", "max_size"),
+    ("min_size: 10 variance: 0.1 variance: 0.2", "variance"),
+    ("min_size: 10 img_size: 300 img_h: 300 img_w: 300", "not both"),
+    ("min_size: 10 img_h: 300", "img_w"),
+    ("min_size: 10 step: 8 step_h: 8 step_w: 8", "not both"),
+])
+def test_bad_parameters_are_refused(params, message):
+    with pytest.raises(LayerError, match=message):
+        build(prior_layer(params), [(1, 1, 2, 2), (1, 3, 10, 10)])
+
+
+def _prior_layers(reference_dir, net_dir):
+    """The PriorBox layers of a reference deploy net with the shapes of their bottoms."""
+    net = io.read_net(reference_dir / net_dir / "deploy.prototxt")
+    plan = shapes.plan_net(net, caffe_pb2.TEST, device="meta")
+    layers = [(step, [plan.blob_shapes[b] for b in step.bottoms]) for step in plan.layers
+              if step.layer.caffe_type == "PriorBox"]
+    return plan, layers
+
+
+def _all_priors(plan, layers):
+    outs = [step.layer.priors(tuple(bshapes[0][2:]), tuple(bshapes[1][2:])) for step, bshapes in layers]
+    return torch.cat(outs, dim=2)
+
+
+@pytest.mark.parametrize("net_dir,count", [("ssd300_official", 8732), ("ssd512_reconstructed", 24564)])
+def test_reference_prior_counts(reference_dir, net_dir, count):
+    plan, layers = _prior_layers(reference_dir, net_dir)
+    assert plan.blob_shapes["mbox_priorbox"] == (1, 2, 4 * count)
+    np.testing.assert_allclose(_all_priors(plan, layers)[0, 0, :4].numpy(),
+                               {8732: [-0.0366667] * 2 + [0.0633333] * 2,
+                                24564: [-0.0263672] * 2 + [0.0419922] * 2}[count], atol=5e-7)
+
+
+def _isolated_priorbox_net(layers) -> tuple:
+    """A prototxt with an Input per PriorBox bottom and the reference PriorBox layers."""
+    inputs, body, seen = [], [], set()
+    for step, bshapes in layers:
+        for name, shape in zip(step.bottoms, bshapes):
+            if name not in seen:
+                seen.add(name)
+                inputs.append(f'layer {{ name: "in_{name}" type: "Input" top: "{name}" input_param '
+                              f'{{ shape {{ {" ".join(f"dim: {d}" for d in shape)} }} }} }}')
+        body.append("layer {\n" + io.message_to_text(step.layer.lp) + "}")
+    tops = [step.tops[0] for step, _ in layers]
+    concat = (f'layer {{ name: "mbox_priorbox" type: "Concat" {" ".join(f"bottom: {t!r}" for t in tops)} '
+              f'top: "mbox_priorbox" concat_param {{ axis: 2 }} }}').replace("'", '"')
+    return "\n".join(inputs + body + [concat]), seen
+
+
+@pytest.mark.parametrize("net_dir", ["ssd300_official", "ssd512_reconstructed"])
+def test_priors_match_caffe(oracle, reference_dir, net_dir):
+    plan, layers = _prior_layers(reference_dir, net_dir)
+    text, _ = _isolated_priorbox_net(layers)
+    out = oracle.run("""
+net = caffe.Net("net.prototxt", caffe.TEST)
+net.forward()
+out["priors"] = net.blobs["mbox_priorbox"].data.copy()
+""", {"net.prototxt": text})
+    ours = _all_priors(plan, layers).numpy()
+    assert ours.shape == out["priors"].shape
+    np.testing.assert_array_equal(ours, out["priors"])   # bit-exact
+
+
+def test_priors_match_opencv_on_integer_sizes(reference_dir):
+    """OpenCV's importer is right for integer prior sizes (it ignores the truncation)."""
+    cv2 = pytest.importorskip("cv2")
+    plan, layers = _prior_layers(reference_dir, "ssd300_official")
+    text, inputs = _isolated_priorbox_net(layers)
+    net = cv2.dnn.readNetFromCaffe(bytearray(text.encode()))
+    for name in inputs:
+        net.setInput(np.zeros(plan.blob_shapes[name], np.float32), name)
+    theirs = net.forward("mbox_priorbox")
+    ours = _all_priors(plan, layers).numpy()
+    np.testing.assert_allclose(ours, theirs.reshape(ours.shape), atol=2e-6)
