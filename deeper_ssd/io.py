@@ -49,13 +49,20 @@ _TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|[-+]?[\w.]+|\S')
 _V1_LAYERS = re.compile(r"^\s*layers\s*\{", re.MULTILINE)
 
 
-def _token_at(text: str, line: int, column: int) -> str:
-    """The token starting at 1-based (line, column) of ``text``, or '' past the end."""
+def _locate(text: str, line: int, column: int, reason: str):
+    """(line, column, token) of a parse error. protobuf reports an error at the end of the
+    input (an unclosed brace) at the last token it read; report the end of file instead."""
     lines = text.splitlines()
     if not 1 <= line <= len(lines):
-        return ""
+        return line, column, ""
     match = _TOKEN.search(lines[line - 1], max(column - 1, 0))
-    return match.group(0) if match else ""
+    if match is None:
+        return line, column, ""
+    rest = "\n".join([lines[line - 1][match.end():]] + lines[line:])
+    at_end = not re.sub(r"#.*", "", rest).strip()
+    if at_end and reason.startswith("Expected") and ", got " not in reason:
+        return len(lines), len(lines[-1]) + 1, ""
+    return line, column, match.group(0)
 
 
 def _refuse_v1(source: str) -> CaffeFormatError:
@@ -77,9 +84,10 @@ def parse_text(text: str, message: _pb_message.Message, source: str = "<string>"
         reason = str(err)
         reason = re.sub(r"^\d+:\d+ : ", "", reason)          # location is re-added below
         reason = re.sub(r"^'.*?': ", "", reason, count=1)    # protobuf sometimes echoes the line
-        line, column = err.GetLine() or 0, err.GetColumn() or 0
-        raise PrototxtError(source, line, column, _token_at(text, line, column),
-                            reason.rstrip(".")) from None
+        line, column, token = _locate(text, err.GetLine() or 0, err.GetColumn() or 0, reason)
+        if not token and reason.startswith("Expected"):
+            reason = reason.rstrip(".") + " before the end of the file"
+        raise PrototxtError(source, line, column, token, reason.rstrip(".")) from None
     if isinstance(message, caffe_pb2.NetParameter) and len(message.layers):
         raise _refuse_v1(source)
     return message

@@ -7,7 +7,9 @@ A subclass sets ``caffe_type`` (the registered type string) and implements
   bottom shapes, create learnable blobs with :meth:`add_blob`, return the top shapes.
   Shapes are tuples of ints; ``-1`` marks a dimension only known at run time (the number of
   ground-truth boxes or detections); ``()`` is a scalar (loss tops).
-* ``forward(*bottoms) -> Tensor | tuple``: compute the tops from the bottom tensors.
+* ``forward(*bottoms) -> Tensor | tuple``: compute the tops from the bottom tensors. Read
+  learnable blobs through ``self.blobs[i]`` only: the net replaces entries of that list when
+  layers share parameters (ParamSpec names, test nets sharing the train net's weights).
 * optionally ``macs()``: multiply-accumulates of one forward at the setup shapes.
 
 Layers are constructed with ``device="meta"`` for shape-only work (``deeper_ssd.shapes``): blobs

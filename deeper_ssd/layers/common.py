@@ -264,13 +264,47 @@ class Softmax(_Identity):
         return torch.softmax(x, dim=self.axis)
 
 
+class _CaffeNormalizeFunction(torch.autograd.Function):
+    """Normalize's forward and Caffe's own backward.
+
+    Caffe back-propagates ``dx = s * (g - x * sum(x * g) / n^2) / n`` (sums over the norm's
+    axes), i.e. it applies the scale after the projection. With one scale per channel that is not
+    the derivative of the forward (the exact one sums ``s_c * g_c * x_c``); we reproduce Caffe's
+    so that training follows it (docs/decisions.md). The scale's gradient, ``sum(g * y) / s``
+    per scale entry, is Caffe's as well (and exact).
+    """
+
+    @staticmethod
+    def forward(ctx, x, scale, dims, eps, scale_view):
+        norm = torch.sqrt(x.pow(2).sum(dim=dims, keepdim=True) + eps)
+        s = scale.reshape(scale_view)
+        y = x / norm * s
+        ctx.save_for_backward(x, norm, s, y)
+        ctx.dims, ctx.scale_shape = dims, scale.shape
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, norm, s, y = ctx.saved_tensors
+        grad_x = grad_scale = None
+        if ctx.needs_input_grad[0]:
+            projection = (x * g).sum(dim=ctx.dims, keepdim=True) / norm.pow(2)
+            grad_x = (g - x * projection) / norm * s
+        if ctx.needs_input_grad[1]:
+            per_entry = g * y / s
+            reduce = [d for d in range(g.dim()) if s.shape[d] == 1]
+            grad_scale = per_entry.sum(dim=reduce).reshape(ctx.scale_shape)
+        return grad_x, grad_scale, None, None, None
+
+
 @register
 class Normalize(_Identity):
     """SSD's L2 normalisation with a learned scale.
 
     ``across_spatial: false``: ``y = x / sqrt(eps + sum_c x^2) * s`` per pixel;
     ``true``: one norm ``sqrt(sum_{c,h,w} x^2 + eps)`` per image. ``s`` is one scalar
-    (``channel_shared``, a 0-axis blob) or one value per channel.
+    (``channel_shared``, a 0-axis blob) or one value per channel. Backward is Caffe's (see
+    ``_CaffeNormalizeFunction``).
     """
 
     caffe_type = "Normalize"
@@ -282,14 +316,13 @@ class Normalize(_Identity):
         p = self.lp.norm_param
         self.across_spatial, self.channel_shared, self.eps = p.across_spatial, p.channel_shared, p.eps
         filler = p.scale_filler if p.HasField("scale_filler") else caffe_pb2.FillerParameter(type="constant", value=1.0)
-        self.scale = self.add_blob(() if self.channel_shared else (shape[1],), filler)
+        self.add_blob(() if self.channel_shared else (shape[1],), filler)
+        self.norm_dims = tuple(range(1, len(shape))) if self.across_spatial else (1,)
+        self.scale_view = (1,) * len(shape) if self.channel_shared else (1, -1) + (1,) * (len(shape) - 2)
         return super().setup(bottoms)
 
     def forward(self, x):
-        dims = tuple(range(1, x.dim())) if self.across_spatial else (1,)
-        norm = torch.sqrt(x.pow(2).sum(dim=dims, keepdim=True) + self.eps)
-        scale = self.scale if self.channel_shared else self.scale.view((1, -1) + (1,) * (x.dim() - 2))
-        return x / norm * scale
+        return _CaffeNormalizeFunction.apply(x, self.blobs[0], self.norm_dims, self.eps, self.scale_view)
 
 
 @register

@@ -18,12 +18,10 @@ _POOL = caffe_pb2.PoolingParameter
 
 def _pair(param, field: str, h_field: str, w_field: str, default: int) -> Tuple[int, int]:
     """Caffe's rule for a 2-D conv setting given either as ``field`` (0, 1 or 2 values) or as
-    ``field_h``/``field_w`` (both required, and then ``field`` must be empty)."""
+    ``field_h``/``field_w`` (then ``field`` must be empty; a missing one reads as its proto
+    default, 0, which the caller's positivity checks refuse for kernels and strides)."""
     values = list(getattr(param, field))
-    has_h, has_w = param.HasField(h_field), param.HasField(w_field)
-    if has_h or has_w:
-        if not (has_h and has_w):
-            raise ValueError(f"{h_field} and {w_field} must be given together")
+    if param.HasField(h_field) or param.HasField(w_field):
         if values:
             raise ValueError(f"either {field} or {h_field}/{w_field} should be specified; not both")
         return getattr(param, h_field), getattr(param, w_field)
@@ -73,9 +71,9 @@ class _ConvBase(Layer):
                              f"{self.stride}, pad {self.pad}, dilation {self.dilation}")
         weight_shape = ((c, self.num_output // self.group) if self.transposed
                         else (self.num_output, c // self.group)) + self.kernel
-        self.weight = self.add_blob(weight_shape, p.weight_filler if p.HasField("weight_filler") else None)
-        self.bias = self.add_blob((self.num_output,), p.bias_filler if p.HasField("bias_filler") else None) \
-            if p.bias_term else None
+        self.add_blob(weight_shape, p.weight_filler if p.HasField("weight_filler") else None)
+        if p.bias_term:
+            self.add_blob((self.num_output,), p.bias_filler if p.HasField("bias_filler") else None)
         return [(n, self.num_output, *out_hw)]
 
     def _effective_kernel(self, axis: int) -> int:
@@ -101,7 +99,8 @@ class Convolution(_ConvBase):
         return (size + 2 * self.pad[axis] - self._effective_kernel(axis)) // self.stride[axis] + 1
 
     def forward(self, x):
-        return F.conv2d(x, self.weight, self.bias, self.stride, self.pad, self.dilation, self.group)
+        bias = self.blobs[1] if len(self.blobs) > 1 else None
+        return F.conv2d(x, self.blobs[0], bias, self.stride, self.pad, self.dilation, self.group)
 
 
 @register
@@ -116,7 +115,8 @@ class Deconvolution(_ConvBase):
         return self.stride[axis] * (size - 1) + self._effective_kernel(axis) - 2 * self.pad[axis]
 
     def forward(self, x):
-        return F.conv_transpose2d(x, self.weight, self.bias, self.stride, self.pad, 0, self.group,
+        bias = self.blobs[1] if len(self.blobs) > 1 else None
+        return F.conv_transpose2d(x, self.blobs[0], bias, self.stride, self.pad, 0, self.group,
                                   self.dilation)
 
 
@@ -211,7 +211,7 @@ class Pooling(Layer):
         extra_h = max(0, (self.out_hw[0] - 1) * sh + kh - x.shape[2] - ph)
         extra_w = max(0, (self.out_hw[1] - 1) * sw + kw - x.shape[3] - pw)
         if self.method == _POOL.MAX:
-            padded = F.pad(x, (pw, extra_w, ph, extra_h), value=-torch.finfo(x.dtype).max)
+            padded = F.pad(x, (pw, extra_w, ph, extra_h), value=-torch.finfo(torch.float32).max)  # -FLT_MAX, as Caffe
             return F.max_pool2d(padded, self.kernel, self.stride)
         padded = F.pad(x, (pw, extra_w, ph, extra_h))
         sums = F.avg_pool2d(padded, self.kernel, self.stride, divisor_override=1)
