@@ -78,6 +78,49 @@ def cmd_sizes(args) -> int:
 
 # ---------------------------------------------------------------------------------------------
 
+def _detect_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--model", required=True, help="deploy prototxt (with a DetectionOutput layer)")
+    p.add_argument("--weights", required=True, help=".caffemodel")
+    p.add_argument("--labelmap", help="label map prototxt (names in the output)")
+    p.add_argument("--out", default="detections", help="output folder (default: detections/)")
+    p.add_argument("--threshold", type=float, default=0.5, help="minimum score drawn and listed")
+    p.add_argument("--mean", default="104,117,123", help="BGR mean subtracted (default SSD's)")
+    p.add_argument("--scale", type=float, default=1.0, help="multiplier after mean subtraction")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+
+
+@command("detect", "run a deploy net on images; write annotated images and detections.json",
+         _detect_arguments)
+def cmd_detect(args) -> int:
+    from pathlib import Path
+    import torch
+    from . import detect
+    from .net import Net
+    try:
+        mean = [float(v) for v in args.mean.split(",")]
+    except ValueError:
+        raise UsageError(f"--mean {args.mean!r}: give comma-separated numbers") from None
+    device = torch.device(args.device)
+    net = Net.from_prototxt(args.model, "TEST", device=device)
+    net.load_caffemodel(args.weights)
+    labels = {item.label: item.display_name or item.name
+              for item in io.read_labelmap(args.labelmap).item} if args.labelmap else None
+    try:
+        images = [detect.read_image(path) for path in args.images]
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    results = detect.detect(net, images, labels, mean, args.scale, args.threshold)
+    report = detect.write_outputs([Path(p) for p in args.images], images, results, Path(args.out))
+    for path, dets in zip(args.images, results):
+        print(f"{path}: {len(dets)} detection(s)" + "".join(
+            f"\n  {d.name} {d.score:.3f} [{d.xmin:.0f}, {d.ymin:.0f}, {d.xmax:.0f}, {d.ymax:.0f}]" for d in dets))
+    print(f"wrote {report}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deeper-ssd", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -187,7 +187,7 @@ def format_table(rows: List[LayerRow], fmt: str = "md") -> str:
         buffer = _io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
         writer.writerows([header] + body + [footer])
-        return buffer.getvalue()
+        return buffer.getvalue().rstrip("\n")
     if fmt != "md":
         raise ValueError(f"unknown format {fmt!r} (md, csv or json)")
     widths = [max(len(row[i]) for row in [header] + body + [footer]) for i in range(len(header))]

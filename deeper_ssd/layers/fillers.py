@@ -71,10 +71,9 @@ def _fill_bilinear(out, p, gen):
         raise ValueError(f"bilinear filler needs a 4-axis blob with square kernels, got {tuple(out.shape)}")
     size = out.shape[3]
     f = math.ceil(size / 2.0)
-    c = (2 * f - 1 - f % 2) / (2.0 * f)
-    ramp = 1 - (torch.arange(size, dtype=torch.float64) / f - c).abs()
-    kernel = ramp[:, None] * ramp[None, :]
-    out.copy_(kernel.to(out.dtype).expand_as(out))
+    c = torch.tensor((2 * f - 1 - f % 2) / (2.0 * f), dtype=torch.float32)
+    ramp = 1 - (torch.arange(size, dtype=torch.float32) / f - c).abs()      # float32, as Caffe
+    out.copy_((ramp[:, None] * ramp[None, :]).expand_as(out))
 
 
 FILLER_TYPES = {

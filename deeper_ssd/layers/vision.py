@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ..proto import caffe_pb2
-from .base import Layer, Shape, canonical_axis
+from .base import Layer, Shape, canonical_axis, format_shape
 from .registry import register
 
 __all__ = ["Convolution", "Deconvolution", "Pooling", "Crop", "pool_output_size"]
@@ -242,9 +242,9 @@ class Crop(Layer):
         for i in range(axis, len(data)):
             offset, size = offsets[i - axis], ref[i]
             if data[i] - offset < size:
-                raise ValueError(f"cannot crop axis {i}: bottom '{self.lp.bottom[0]}' {tuple(data)} "
+                raise ValueError(f"cannot crop axis {i}: bottom '{self.lp.bottom[0]}' {format_shape(data)} "
                                  f"with offset {offset} is smaller than bottom '{self.lp.bottom[1]}' "
-                                 f"{tuple(ref)}")
+                                 f"{format_shape(ref)}")
             top[i] = size
             self.slices[i] = slice(offset, offset + size)
         self.slices = tuple(self.slices)
