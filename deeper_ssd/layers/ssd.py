@@ -17,11 +17,13 @@ The box math (IoU, coding, matching, mining, NMS) lives in :mod:`deeper_ssd.box`
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
+from .. import box
 from ..proto import caffe_pb2
 from .base import Layer, Shape, count, format_shape
 from .registry import register
@@ -208,6 +210,65 @@ def _check_label_blob(layer: Layer, shape: Shape, index: int) -> None:
                          f"{format_shape(shape)}")
 
 
+class GroundTruth(NamedTuple):
+    """The objects of a label blob, padded per image: ``boxes [N, G, 4]`` float32,
+    ``labels [N, G]`` int64, ``difficult [N, G]`` and ``valid [N, G]`` bool (False = padding).
+    Objects keep their order of appearance in the blob."""
+    boxes: torch.Tensor
+    labels: torch.Tensor
+    difficult: torch.Tensor
+    valid: torch.Tensor
+
+
+def read_ground_truth(layer: Layer, label: torch.Tensor, num_images: int, keep_difficult: bool,
+                      stop_at_missing: bool = False, max_label: Optional[int] = None) -> GroundTruth:
+    """Caffe's GetGroundTruth on a ``1 x 1 x G x 8`` label blob, batched.
+
+    Rows with item -1 are skipped (``stop_at_missing``: the first one ends the list, as the
+    DetectionEvaluate variant does); items are truncated to int like Caffe; difficult objects
+    are dropped unless ``keep_difficult``; rows of items outside ``[0, num_images)`` are never
+    looked up (Caffe ignores them too). A row with the background label is an error, and so is a
+    label outside ``[0, max_label)`` when ``max_label`` is given. One host sync: the largest
+    object count of an image (the padded size) and the error counts.
+    """
+    rows = label.detach().reshape(-1, 8)
+    device = rows.device
+    item = rows[:, 0].long()
+    labels = rows[:, 1].long()
+    present = item != -1
+    if stop_at_missing:
+        present &= torch.cumsum((~present).long(), 0) == 0
+    difficult = rows[:, 7] != 0
+    keep = present & (item >= 0) & (item < num_images)
+    if not keep_difficult:
+        keep &= ~difficult
+    one_hot = (item.unsqueeze(1) == torch.arange(num_images, device=device)) & keep.unsqueeze(1)
+    position = (torch.cumsum(one_hot.long(), 0) - 1).gather(1, item.clamp(0, max(num_images - 1, 0))
+                                                           .unsqueeze(1)).squeeze(1) if num_images else item
+    background = layer.background_label_id
+    problems = [one_hot.sum(0).max() if num_images else torch.zeros((), dtype=torch.long, device=device),
+                (present & (labels == background)).sum()]
+    if max_label is not None:
+        problems.append((keep & ((labels < 0) | (labels >= max_label))).sum())
+    stats = torch.stack(problems).tolist()
+    if stats[1]:
+        raise layer.error(f"found background label {background} in the label blob "
+                          f"'{layer.lp.bottom[-1]}' ({stats[1]} row(s))")
+    if max_label is not None and stats[2]:
+        raise layer.error(f"label blob '{layer.lp.bottom[-1]}' has {stats[2]} object(s) with a label "
+                          f"outside [0, {max_label})")
+    g = max(int(stats[0]), 1)                      # one padding slot keeps gathers simple
+    slot = torch.where(keep, item * g + position, torch.full_like(item, num_images * g))
+
+    def scatter(values, fill, dtype):
+        out = torch.full((num_images * g + 1, *values.shape[1:]), fill, dtype=dtype, device=device)
+        out[slot] = values.to(dtype)
+        return out[:-1].view(num_images, g, *values.shape[1:])
+
+    return GroundTruth(scatter(rows[:, 3:7], 0.0, torch.float32), scatter(labels, -1, torch.long),
+                       scatter(difficult, False, torch.bool), scatter(keep, False, torch.bool))
+
+
 def _nms_settings(layer: Layer, nms: caffe_pb2.NonMaximumSuppressionParameter):
     if not nms.nms_threshold >= 0:
         raise ValueError(f"nms_threshold must be non negative, got {nms.nms_threshold}")
@@ -235,6 +296,9 @@ class DetectionOutput(Layer):
         self.share_location = p.share_location
         self.loc_classes = 1 if self.share_location else self.num_classes
         self.background_label_id = p.background_label_id
+        if self.share_location and self.background_label_id == -1:
+            raise ValueError("background_label_id: -1 needs share_location: false (Caffe skips the "
+                             "shared boxes, whose label is -1, as background and aborts)")
         self.code_type = p.code_type
         self.variance_encoded_in_target = p.variance_encoded_in_target
         self.keep_top_k = p.keep_top_k
@@ -250,6 +314,64 @@ class DetectionOutput(Layer):
                              "`deeper-ssd detect` instead")
         self.num_priors = _check_heads(self, bottoms, self.num_classes, self.loc_classes)
         return [(1, 1, -1, 7)]
+
+    def forward(self, loc, conf, prior, *image):
+        """``loc [N, 4KL]``, ``conf [N, KC]`` (probabilities), ``prior [1, 2, 4K]`` ->
+        detections ``[1, 1, D, 7]`` in conf's dtype.
+
+        Per image and non-background class: candidates with score strictly above
+        ``confidence_threshold``, the ``top_k`` best (stable sort: ties keep the lower prior
+        first, like Caffe's CPU path), greedy NMS keeping IoU <= the (eta-adaptive) threshold;
+        then at most ``keep_top_k`` per image across classes by score (ties: lower class, then
+        NMS order; Caffe's unstable std::sort leaves that open). Rows are ordered by image,
+        class, then NMS order; boxes are decoded in float32 and not clipped. With no detection
+        in the whole batch, one ``[i, -1, -1, -1, -1, -1, -1]`` row per image.
+        """
+        detections, _ = self.detect(loc, conf, prior)
+        return detections
+
+    def detect(self, loc, conf, prior):
+        """:meth:`forward` plus the kept prior index of every row (``[D]``, -1 for a filler row)."""
+        n, k, c, nl = loc.shape[0], self.num_priors, self.num_classes, self.loc_classes
+        device = conf.device
+        priors = prior[0, 0].detach().float().view(k, 4)
+        variances = prior[0, 1].detach().float().view(k, 4)
+        boxes = box.decode(priors.unsqueeze(1), variances.unsqueeze(1), loc.detach().float().view(n, k, nl, 4),
+                           self.code_type, self.variance_encoded_in_target)          # [N, K, L, 4]
+        classes = torch.tensor([x for x in range(c) if x != self.background_label_id],
+                               dtype=torch.long, device=device)
+        scores = conf.detach().float().view(n, k, c).transpose(1, 2)[:, classes]      # [N, C', K]
+        candidate = scores > self.confidence_threshold
+        limit = k if self.top_k < 0 else min(self.top_k, k)
+        m = min(limit, int(candidate.sum(-1).max())) if len(classes) else 0         # host sync
+        if m == 0:
+            return self._no_detection(n, conf.dtype, device), torch.full((n,), -1, device=device)
+        masked = torch.where(candidate, scores, torch.full_like(scores, -float("inf")))
+        order = torch.sort(masked, dim=-1, descending=True, stable=True).indices[..., :m]
+        cand_score = masked.gather(-1, order)                                       # [N, C', M]
+        valid = candidate.gather(-1, order)
+        loc_class = torch.zeros_like(classes) if self.share_location else classes
+        class_boxes = boxes.permute(0, 2, 1, 3)[:, loc_class]                        # [N, C', K, 4]
+        cand_boxes = class_boxes.gather(2, order.unsqueeze(-1).expand(*order.shape, 4))
+        nc = len(classes)
+        keep = box.greedy_nms(cand_boxes.view(n * nc, m, 4), valid.view(n * nc, m),
+                              self.nms_threshold, self.eta).view(n, nc, m)
+        if self.keep_top_k > -1:
+            kept_score = torch.where(keep, cand_score, torch.full_like(cand_score, -float("inf")))
+            _, rank = box.descending_rank(kept_score.view(n, nc * m))
+            keep &= (rank < self.keep_top_k).view(n, nc, m)
+        image, cls, pos = keep.nonzero(as_tuple=True)                               # host sync
+        if image.numel() == 0:
+            return self._no_detection(n, conf.dtype, device), torch.full((n,), -1, device=device)
+        rows = torch.cat([torch.stack([image.float(), classes[cls].float(), cand_score[image, cls, pos]], 1),
+                          cand_boxes[image, cls, pos]], dim=1)
+        return rows.to(conf.dtype).view(1, 1, -1, 7), order[image, cls, pos]
+
+    @staticmethod
+    def _no_detection(n, dtype, device):
+        rows = torch.full((n, 7), -1.0, dtype=dtype, device=device)
+        rows[:, 0] = torch.arange(n, dtype=dtype, device=device)
+        return rows.view(1, 1, n, 7)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,6 +427,236 @@ class MultiBoxLoss(Layer):
         self.num_priors = _check_heads(self, bottoms, self.num_classes, self.loc_classes)
         _check_label_blob(self, bottoms[3], 3)
         return [()]
+
+    def forward(self, loc, conf, prior, label):
+        """The scalar loss; see :meth:`terms` for what it is made of."""
+        return self.terms(loc, conf, prior, label).loss
+
+    def terms(self, loc, conf, prior, label) -> "MultiBoxTerms":
+        """Match, mine, and sum the two losses (caffe-ssd-semantics.md §3.5-3.6).
+
+        ``loc [N, 4KL]``, ``conf [N, KC]`` (logits), ``prior [1, 2, 4K]``, ``label [1, 1, G, 8]``.
+        Matching, encoding and mining use float32 box geometry like Caffe and carry no
+        gradient; the loss is in the dtype of ``loc``/``conf``, and its autograd gradients are
+        Caffe's backward (including its quirk with ``encode_variance_in_target``, where the
+        gradient w.r.t. ``pred / variance`` is written unscaled to ``mbox_loc``).
+        """
+        p = self.param
+        n, k, c, nl = loc.shape[0], self.num_priors, self.num_classes, self.loc_classes
+        priors = prior[0, 0].detach().float().view(k, 4)
+        variances = prior[0, 1].detach().float().view(k, 4)
+        max_label = None if p.map_object_to_agnostic else c
+        gt = read_ground_truth(self, label, n, p.use_difficult_gt, max_label=max_label)
+        loc4 = loc.view(n, k, nl, 4).transpose(1, 2)                       # [N, L, K, 4]
+        conf3 = conf.view(n, k, c)
+        decoded = None
+        if not p.use_prior_for_matching:
+            decoded = box.decode(priors, variances, loc4.detach().float(), p.code_type,
+                                 p.encode_variance_in_target)
+        indices, overlaps = self._match(priors, decoded, gt)                # [N, L, K]
+        loc_terms = self._loc_terms(loc4, indices, priors, variances, gt, decoded)
+        negatives = None
+        if self.mining_type != _MBL.NONE:
+            indices, negatives = self._mine(conf3, loc, loc_terms, indices, overlaps, priors,
+                                            variances, gt)
+        positives = indices > -1
+        num_matches = positives.sum()
+        loc_sum = torch.where(positives.unsqueeze(-1), loc_terms, torch.zeros_like(loc_terms)).sum()
+        conf_sum = self._conf_sum(conf3, indices, negatives, gt)
+        normalizer = self._normalizer(n, k, num_matches, loc.dtype)
+        loss = loc.new_zeros(())
+        if self.use_loc:
+            loss = loss + p.loc_weight * loc_sum / normalizer
+        if self.use_conf:
+            loss = loss + conf_sum / normalizer
+        return MultiBoxTerms(loss, loc_sum, conf_sum, normalizer, num_matches, indices, negatives)
+
+    def _match(self, priors, decoded, gt: GroundTruth):
+        """Match indices and overlaps ``[N, L, K]`` (L = 1 with share_location, else one row per
+        class, the background row never matched), as FindMatches does."""
+        p = self.param
+        n, g = gt.valid.shape
+        k, c = self.num_priors, self.num_classes
+        thr, per_prediction = p.overlap_threshold, p.match_type == _MBL.PER_PREDICTION
+        classes = torch.arange(c, device=priors.device)
+        if p.use_prior_for_matching:
+            iou = box.pairwise_iou(priors, gt.boxes.view(n * g, 4)).view(k, n, g).transpose(0, 1)
+            ignored = (box.is_cross_boundary(priors).expand(n, k)
+                       if p.ignore_cross_boundary_bbox else None)
+            indices, overlaps = box.match(iou, gt.valid, ignored, thr, per_prediction)
+            if self.share_location:
+                return indices.unsqueeze(1), overlaps.unsqueeze(1)
+            label = gt.labels.gather(1, indices.clamp(min=0))                # distribute by class
+            own = ((indices > -1) & (label == classes.view(c, 1, 1))).transpose(0, 1)
+            own &= (classes != self.background_label_id).view(1, c, 1)
+            return (torch.where(own, indices.unsqueeze(1), torch.full_like(own, -1, dtype=torch.long)),
+                    overlaps.unsqueeze(1).expand(n, c, k))
+        nl = decoded.shape[1]
+        valid = gt.valid.unsqueeze(1).expand(n, nl, g)
+        if not self.share_location:                                          # objects of class l
+            valid = valid & (gt.labels.unsqueeze(1) == classes.view(1, c, 1))
+        iou = box.pairwise_iou(decoded, gt.boxes.unsqueeze(1))              # [N, L, K, G]
+        ignored = box.is_cross_boundary(decoded) if p.ignore_cross_boundary_bbox else None
+        indices, overlaps = box.match(iou.reshape(n * nl, k, g), valid.reshape(n * nl, g),
+                                      None if ignored is None else ignored.reshape(n * nl, k),
+                                      thr, per_prediction)
+        indices, overlaps = indices.view(n, nl, k), overlaps.view(n, nl, k)
+        if not self.share_location:                                          # background: no entry
+            skip = (classes == self.background_label_id).view(1, c, 1)
+            indices = indices.masked_fill(skip, -1)
+            overlaps = overlaps.masked_fill(skip, 0.0)
+        return indices, overlaps
+
+    def _loc_terms(self, loc4, indices, priors, variances, gt: GroundTruth, decoded):
+        """Per-coordinate localisation loss ``[N, L, K, 4]`` of every prior as if it were matched
+        to ``indices`` (meaningful where ``indices > -1``), differentiable w.r.t. ``loc4``."""
+        p = self.param
+        n, nl, k = indices.shape
+        matched = (indices > -1).unsqueeze(-1)
+        objects = gt.boxes.gather(1, indices.clamp(min=0).reshape(n, nl * k, 1).expand(n, nl * k, 4))
+        target = box.encode(priors, variances, objects.view(n, nl, k, 4), p.code_type,
+                            p.encode_variance_in_target)
+        target = torch.where(matched, target, torch.zeros_like(target)).to(loc4.dtype)
+        pred = loc4
+        if p.bp_inside:
+            inside_box = priors if p.use_prior_for_matching else decoded
+            outside = (inside_box < 0) | (inside_box > 1)
+            pred = torch.where(outside, target, pred)
+        if p.encode_variance_in_target:
+            var = variances.to(loc4.dtype)
+            pred = pred + (pred / var - pred).detach()
+            target = target / var
+        diff = pred - target
+        if p.loc_loss_type == _MBL.SMOOTH_L1:
+            return torch.where(diff.abs() < 1, 0.5 * diff * diff, diff.abs() - 0.5)
+        return 0.5 * diff * diff
+
+    def _class_targets(self, indices, gt: GroundTruth):
+        """Per prior: the class a positive is trained towards (``[N, K]``, -1 where unmatched),
+        taking the last loc class with a match like Caffe's EncodeConfPrediction."""
+        n, nl, k = indices.shape
+        matched = indices > -1
+        last = torch.where(matched, torch.arange(nl, device=indices.device).view(1, nl, 1),
+                           torch.full_like(indices, -1)).max(1).values               # [N, K]
+        index = indices.gather(1, last.clamp(min=0).unsqueeze(1)).squeeze(1)
+        label = gt.labels.gather(1, index.clamp(min=0))
+        if self.param.map_object_to_agnostic:
+            label = torch.full_like(label, self.background_label_id + 1)
+        return torch.where(last >= 0, label, torch.full_like(label, -1))
+
+    def _conf_rows(self, conf3, target, class_row, fill, image_stride=None):
+        """Per-prior confidence loss ``[N, K]`` towards the ``target`` classes. LOGISTIC targets
+        are 1 at the target class of the priors in ``class_row`` and ``fill`` elsewhere (the
+        loss fills with background_label_id, the mining score with 0, as Caffe does).
+        ``image_stride``: where image ``i``'s one-hot entries land in the flat ``N*K*C`` target
+        (Caffe's EncodeConfPrediction advances by ``K``, not ``K*C``, per image when every prior
+        is used, so its LOGISTIC targets of images ``i > 0`` are misplaced; kept as is)."""
+        n, k, c = conf3.shape
+        if self.param.conf_loss_type == _MBL.SOFTMAX:
+            logp = F.log_softmax(conf3, dim=-1).gather(-1, target.clamp(0, c - 1).unsqueeze(-1)).squeeze(-1)
+            # Caffe: -log(max(p, FLT_MIN)); its gradient stays softmax - onehot
+            return -(logp + (logp.clamp(min=_LOG_FLT_MIN) - logp).detach())
+        hot = class_row & (target >= 0) & (target < c)
+        stride = k * c if image_stride is None else image_stride
+        flat = (torch.arange(n, device=conf3.device).view(n, 1) * stride
+                + torch.arange(k, device=conf3.device).view(1, k) * c + target.clamp(0, c - 1))
+        goal = torch.full((n * k * c + 1,), float(fill), dtype=conf3.dtype, device=conf3.device)
+        goal[torch.where(hot, flat, torch.full_like(flat, n * k * c))] = 1.0
+        goal = goal[:-1].view(n, k, c)
+        return F.binary_cross_entropy_with_logits(conf3, goal, reduction="none").sum(-1)
+
+    def _conf_sum(self, conf3, indices, negatives, gt: GroundTruth):
+        background = self.background_label_id
+        target = self._class_targets(indices, gt)
+        positive = target >= 0
+        if negatives is None:                                                 # every prior
+            rows = torch.ones_like(positive)
+            class_row = positive
+        else:
+            rows = positive | negatives
+            class_row = rows
+        target = torch.where(positive, target, torch.full_like(target, background))
+        per_prior = self._conf_rows(conf3, target, class_row, background,
+                                    image_stride=conf3.shape[1] if negatives is None else None)
+        return torch.where(rows, per_prior, torch.zeros_like(per_prior)).sum()
+
+    def _mine(self, conf3, loc, loc_terms, indices, overlaps, priors, variances, gt: GroundTruth):
+        """MineHardExamples (share_location only, so L = 1): returns the updated match indices
+        and the negatives ``[N, K]``."""
+        p = self.param
+        n, k = conf3.shape[:2]
+        matched = indices[:, 0] > -1
+        has_gt = gt.valid.any(1, keepdim=True)
+        with torch.no_grad():
+            target = self._class_targets(indices, gt)
+            target = torch.where(matched, target, torch.full_like(target, self.background_label_id))
+            score = self._conf_rows(conf3.detach(), target, torch.ones_like(matched), 0).float()
+            if self.mining_type == _MBL.HARD_EXAMPLE:
+                loc_loss = loc_terms[:, 0].detach().sum(-1).float()
+                score = score + torch.where(matched, loc_loss, torch.zeros_like(loc_loss))
+                eligible = has_gt.expand(n, k)
+                wanted = torch.full((n,), p.sample_size, dtype=torch.long, device=conf3.device)
+            else:
+                eligible = (indices[:, 0] == -1) & (overlaps[:, 0] < p.neg_overlap) & has_gt
+                num_pos = matched.sum(1).float() * torch.tensor(p.neg_pos_ratio, dtype=torch.float32)
+                wanted = num_pos.long()
+            count = torch.minimum(wanted, eligible.sum(1))
+            if p.HasField("nms_param") and p.nms_param.nms_threshold > 0:
+                boxes = priors.expand(n, k, 4) if p.use_prior_for_nms else box.decode(
+                    priors, variances, loc.detach().float().view(n, k, 4), p.code_type,
+                    p.encode_variance_in_target)
+                selected = self._nms_select(score, eligible, count, boxes)
+            else:
+                selected = box.select_top(score, eligible, count)
+        negatives = selected & (indices[:, 0] == -1)
+        if self.mining_type == _MBL.HARD_EXAMPLE:                  # unselected positives lose their match
+            indices = indices.masked_fill(matched.unsqueeze(1) & ~selected.unsqueeze(1), -1)
+        return indices, negatives
+
+    def _nms_select(self, score, eligible, count, boxes):
+        """Mining with NMS (ApplyNMS): candidates by descending loss, cut to nms_param.top_k
+        (Caffe reads the unset field as 0: nothing is selected), boxes with area < 1e-5 dropped,
+        greedy NMS; the first ``count`` survivors are selected."""
+        nms = self.param.nms_param
+        n, k = score.shape
+        order, _ = box.descending_rank(torch.where(eligible, score, torch.full_like(score, -float("inf"))))
+        order = order[:, :min(max(nms.top_k, 0), k)]
+        valid = eligible.gather(1, order)
+        cand = boxes.gather(1, order.unsqueeze(-1).expand(*order.shape, 4))
+        valid &= box.box_area(cand) >= 1e-5
+        keep = box.greedy_nms(cand, valid, nms.nms_threshold)
+        chosen = keep & (keep.long().cumsum(1) <= count.unsqueeze(1))
+        return torch.zeros_like(eligible).scatter(1, order, chosen)
+
+    def _normalizer(self, n, k, num_matches, dtype):
+        """LossLayer::GetNormalizer, at least 1."""
+        if self.normalization == _LOSS.FULL:
+            value = torch.tensor(float(n * k))
+        elif self.normalization == _LOSS.VALID:
+            value = num_matches
+        elif self.normalization == _LOSS.BATCH_SIZE:
+            value = torch.tensor(float(n))
+        else:
+            value = torch.tensor(1.0)
+        return value.to(device=num_matches.device, dtype=dtype).clamp(min=1)
+
+
+_LOG_FLT_MIN = math.log(float(np.finfo(np.float32).tiny))
+
+
+class MultiBoxTerms(NamedTuple):
+    """What :meth:`MultiBoxLoss.terms` computed: the scalar ``loss``; the unnormalised sums
+    ``loc_sum`` (SmoothL1/L2 over matched priors) and ``conf_sum`` (cross-entropy over the
+    selected rows); the ``normalizer`` and ``num_matches`` (after mining); the final match
+    ``indices [N, L, K]`` (-1 unmatched, -2 ignored cross-boundary prior) and the mined
+    ``negatives [N, K]`` (None without mining)."""
+    loss: torch.Tensor
+    loc_sum: torch.Tensor
+    conf_sum: torch.Tensor
+    normalizer: torch.Tensor
+    num_matches: torch.Tensor
+    indices: torch.Tensor
+    negatives: Optional[torch.Tensor]
 
 
 # ---------------------------------------------------------------------------------------------

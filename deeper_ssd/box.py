@@ -1,0 +1,262 @@
+"""Box math of the SSD Caffe fork as batched tensor functions (caffe-ssd-semantics.md §3.3-3.7).
+
+Boxes are ``[..., 4]`` tensors ``[xmin, ymin, xmax, ymax]``. Every function works on any
+device and in any floating dtype; Caffe itself does all box geometry in float32 (its
+``NormalizedBBox`` has float fields, even in a double build), so the layers call these with
+float32 boxes to reproduce its rounding and tie-breaking. Nothing here loops over images or
+priors in Python: per-image variable sizes are padded tensors with masks. Loops that remain
+are over the (small) number of ground-truth boxes per image in the greedy bipartite matcher
+and over the (top_k-bounded) candidate list of greedy NMS, vectorised over everything else.
+
+Conventions: ``N`` images, ``K`` priors, ``G`` (padded) ground-truth boxes per image, ``B``
+independent NMS problems, ``M`` candidates per problem.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+__all__ = ["CORNER", "CENTER_SIZE", "CORNER_SIZE", "CODE_NAMES", "box_area", "pairwise_iou",
+           "iou_with", "is_cross_boundary", "encode", "decode", "match", "greedy_nms",
+           "descending_rank", "select_top"]
+
+#: PriorBoxParameter.CodeType values (note: they start at 1)
+CORNER, CENTER_SIZE, CORNER_SIZE = 1, 2, 3
+CODE_NAMES = {CORNER: "CORNER", CENTER_SIZE: "CENTER_SIZE", CORNER_SIZE: "CORNER_SIZE"}
+
+#: pairs overlapping by at most this much are "not overlapping" for the matcher (Caffe: 1e-6)
+MATCH_EPS = 1e-6
+
+
+def box_area(boxes: torch.Tensor, pixel: bool = False) -> torch.Tensor:
+    """Caffe's BBoxSize: ``w*h`` (``(w+1)*(h+1)`` in pixel mode), 0 for an inverted box.
+    ``[..., 4] -> [...]``."""
+    w = boxes[..., 2] - boxes[..., 0]
+    h = boxes[..., 3] - boxes[..., 1]
+    inverted = (w < 0) | (h < 0)
+    if pixel:
+        w, h = w + 1, h + 1
+    return torch.where(inverted, torch.zeros_like(w), w * h)
+
+
+def _iou(a: torch.Tensor, b: torch.Tensor, area_a: torch.Tensor, area_b: torch.Tensor,
+         pixel: bool) -> torch.Tensor:
+    """JaccardOverlap on broadcast-compatible ``[..., 4]`` boxes and ``[...]`` (cached) areas."""
+    disjoint = ((b[..., 0] > a[..., 2]) | (b[..., 2] < a[..., 0]) |
+                (b[..., 1] > a[..., 3]) | (b[..., 3] < a[..., 1]))
+    iw = torch.minimum(a[..., 2], b[..., 2]) - torch.maximum(a[..., 0], b[..., 0])
+    ih = torch.minimum(a[..., 3], b[..., 3]) - torch.maximum(a[..., 1], b[..., 1])
+    if pixel:
+        iw, ih = iw + 1, ih + 1
+    inter = iw * ih
+    iou = inter / (area_a + area_b - inter)
+    positive = ~disjoint & (iw > 0) & (ih > 0)
+    return torch.where(positive, iou, torch.zeros_like(iou))
+
+
+def pairwise_iou(a: torch.Tensor, b: torch.Tensor, pixel: bool = False,
+                 area_a: Optional[torch.Tensor] = None,
+                 area_b: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """IoU of every box of ``a [..., A, 4]`` with every box of ``b [..., B, 4]`` -> ``[..., A, B]``.
+
+    Caffe's JaccardOverlap: strict disjointness test, intersection sides (``+1`` each in
+    ``pixel`` mode), 0 unless both sides are positive, else ``inter / (area_a + area_b - inter)``.
+    ``area_a``/``area_b`` override the areas (Caffe's cached ``size``; default: :func:`box_area`).
+    """
+    area_a = box_area(a, pixel) if area_a is None else area_a
+    area_b = box_area(b, pixel) if area_b is None else area_b
+    return _iou(a.unsqueeze(-2), b.unsqueeze(-3), area_a.unsqueeze(-1), area_b.unsqueeze(-2), pixel)
+
+
+def iou_with(box: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """Normalised IoU of ``box [..., 4]`` with each of ``boxes [..., M, 4]`` -> ``[..., M]``."""
+    box = box.unsqueeze(-2)
+    return _iou(box, boxes, box_area(box), box_area(boxes), pixel=False)
+
+
+def is_cross_boundary(boxes: torch.Tensor) -> torch.Tensor:
+    """True where any coordinate of ``boxes [..., 4]`` lies outside [0, 1]."""
+    return ((boxes < 0) | (boxes > 1)).any(-1)
+
+
+def _center_size(boxes: torch.Tensor):
+    w = boxes[..., 2] - boxes[..., 0]
+    h = boxes[..., 3] - boxes[..., 1]
+    return (boxes[..., 0] + boxes[..., 2]) / 2, (boxes[..., 1] + boxes[..., 3]) / 2, w, h
+
+
+def encode(priors: torch.Tensor, variances: torch.Tensor, boxes: torch.Tensor, code_type: int,
+           variance_in_target: bool) -> torch.Tensor:
+    """Regression targets of ``boxes`` w.r.t. ``priors`` (both ``[..., 4]``, broadcast), §3.4.
+
+    ``variances [..., 4]`` divide the targets unless ``variance_in_target`` (Caffe's
+    ``encode_variance_in_target``). Widths and heights must be positive for the size codes.
+    """
+    if code_type == CORNER:
+        out = boxes - priors
+    elif code_type == CENTER_SIZE:
+        pcx, pcy, pw, ph = _center_size(priors)
+        gcx, gcy, gw, gh = _center_size(boxes)
+        out = torch.stack([(gcx - pcx) / pw, (gcy - pcy) / ph,
+                           torch.log(gw / pw), torch.log(gh / ph)], dim=-1)
+    elif code_type == CORNER_SIZE:
+        _, _, pw, ph = _center_size(priors)
+        size = torch.stack([pw, ph, pw, ph], dim=-1)
+        out = (boxes - priors) / size
+    else:
+        raise ValueError(f"unknown code_type {code_type}")
+    return out if variance_in_target else out / variances
+
+
+def decode(priors: torch.Tensor, variances: torch.Tensor, loc: torch.Tensor, code_type: int,
+           variance_in_target: bool) -> torch.Tensor:
+    """Boxes from predictions ``loc [..., 4]`` relative to ``priors [..., 4]`` (broadcast), §3.4.
+
+    The inverse of :func:`encode`; predictions are multiplied by ``variances`` unless
+    ``variance_in_target`` (Caffe's ``variance_encoded_in_target``). No clipping.
+    """
+    if not variance_in_target:
+        loc = variances * loc
+    if code_type == CORNER:
+        return priors + loc
+    if code_type == CENTER_SIZE:
+        pcx, pcy, pw, ph = _center_size(priors)
+        cx = loc[..., 0] * pw + pcx
+        cy = loc[..., 1] * ph + pcy
+        w = torch.exp(loc[..., 2]) * pw
+        h = torch.exp(loc[..., 3]) * ph
+        return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)
+    if code_type == CORNER_SIZE:
+        _, _, pw, ph = _center_size(priors)
+        return priors + loc * torch.stack([pw, ph, pw, ph], dim=-1)
+    raise ValueError(f"unknown code_type {code_type}")
+
+
+# ---------------------------------------------------------------------------------------------
+# matching
+
+def _sortable_key(values: torch.Tensor, index_of_max_priority: torch.Tensor) -> torch.Tensor:
+    """int64 keys ordering non-negative float32 ``values`` descending and, on equal values, the
+    smaller ``index_of_max_priority`` (``< 2**31``) first: ``bits(value) << 32 | ~index``."""
+    bits = values.float().contiguous().view(torch.int32).long()
+    return (bits << 32) | (0x7FFFFFFF - index_of_max_priority)
+
+
+def _key_index(key: torch.Tensor) -> torch.Tensor:
+    return 0x7FFFFFFF - (key & 0xFFFFFFFF)
+
+
+def _key_value(key: torch.Tensor) -> torch.Tensor:
+    return (key >> 32).int().view(torch.float32)
+
+
+def match(iou: torch.Tensor, gt_valid: torch.Tensor, ignored: Optional[torch.Tensor],
+          overlap_threshold: float, per_prediction: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Caffe's MatchBBox for ``B`` independent problems (§3.5).
+
+    ``iou [B, K, G]`` float32 between predictions (priors or decoded boxes) and ground truth,
+    ``gt_valid [B, G]`` marks real (non-padding) ground truth, ``ignored [B, K]`` (or None) marks
+    predictions that are never matched (``ignore_cross_boundary_bbox``).
+
+    Greedy bipartite pass: repeatedly the largest IoU among free predictions x free objects
+    (only pairs with IoU > 1e-6 exist; ties go to the smaller prediction, then the smaller object
+    index), then, with ``per_prediction``, every still-free prediction takes its best object when
+    that IoU is >= ``overlap_threshold`` (first object on ties).
+
+    Returns ``indices [B, K]`` int64 (object index; -1 unmatched; -2 ignored) and
+    ``overlaps [B, K]`` float32 (IoU with the matched object; for unmatched predictions their
+    best IoU over all objects; 0 for ignored ones).
+
+    The bipartite pass is exact but needs only each object's ``G`` best predictions: an object
+    still free at step ``t`` has lost at most ``t < G`` of them to other objects.
+    """
+    b, k, g = iou.shape
+    present = (iou > MATCH_EPS) & gt_valid.unsqueeze(1)
+    if ignored is not None:
+        present &= ~ignored.unsqueeze(-1)
+    masked = torch.where(present, iou, torch.zeros_like(iou))
+    overlaps = masked.max(-1).values if g else iou.new_zeros(b, k)
+    indices = torch.full((b, k), -1, dtype=torch.long, device=iou.device)
+    if ignored is not None:
+        indices = indices.masked_fill(ignored, -2)
+    if g == 0 or k == 0:
+        return indices, overlaps
+    # each object's best predictions, ordered by (IoU desc, prediction index asc)
+    prior_index = torch.arange(k, device=iou.device).view(1, k, 1)
+    keys = torch.where(present, _sortable_key(masked, prior_index), torch.full_like(prior_index, -1))
+    cand_key = keys.transpose(1, 2).topk(min(g, k), dim=-1).values          # [B, G, G']
+    cand_prior = _key_index(cand_key).clamp(0, k - 1)
+    cand_ok = cand_key >= 0
+    taken = torch.zeros(b, k, dtype=torch.bool, device=iou.device)
+    gt_free = gt_valid.clone()
+    rows = torch.arange(b, device=iou.device)
+    none = torch.full((b, g), -1, dtype=torch.long, device=iou.device)
+    for _ in range(g):
+        avail = cand_ok & ~taken.gather(1, cand_prior.view(b, -1)).view_as(cand_ok)
+        first = avail.byte().argmax(-1, keepdim=True)                          # first free one
+        best = cand_key.gather(-1, first).squeeze(-1)
+        best = torch.where(avail.any(-1) & gt_free, best, none)                 # [B, G]
+        pick_gt = best.argmax(-1)                                               # first max: smaller g
+        pick_key = best.gather(-1, pick_gt.unsqueeze(-1)).squeeze(-1)
+        ok = pick_key >= 0
+        pick_prior = _key_index(pick_key).clamp(0, k - 1)
+        indices[rows, pick_prior] = torch.where(ok, pick_gt, indices[rows, pick_prior])
+        overlaps[rows, pick_prior] = torch.where(ok, _key_value(pick_key), overlaps[rows, pick_prior])
+        taken[rows, pick_prior] |= ok
+        gt_free[rows, pick_gt] &= ~ok
+    if per_prediction:
+        eligible = present & (iou >= overlap_threshold)
+        candidates = torch.where(eligible, iou, torch.full_like(iou, -1.0))
+        best_gt = candidates.argmax(-1)                                         # first max
+        best_iou = candidates.gather(-1, best_gt.unsqueeze(-1)).squeeze(-1)
+        take = (indices == -1) & eligible.any(-1)
+        indices = torch.where(take, best_gt, indices)
+        overlaps = torch.where(take, best_iou, overlaps)
+    return indices, overlaps
+
+
+# ---------------------------------------------------------------------------------------------
+# ranking, selection and NMS
+
+def descending_rank(scores: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Stable descending sort along the last axis: ``(order, rank)`` where ``order`` lists
+    positions by score (ties: lower position first) and ``rank[order[i]] = i``."""
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    rank.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
+    return order, rank
+
+
+def select_top(scores: torch.Tensor, candidates: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """The ``count[b]`` highest-scoring candidates of each row (ties: lower position first).
+
+    ``scores [B, K]``, ``candidates [B, K]`` bool, ``count [B]`` int -> ``[B, K]`` bool mask.
+    """
+    masked = torch.where(candidates, scores, torch.full_like(scores, -float("inf")))
+    _, rank = descending_rank(masked)
+    return candidates & (rank < count.unsqueeze(-1))
+
+
+def greedy_nms(boxes: torch.Tensor, valid: torch.Tensor, threshold: float, eta: float = 1.0) -> torch.Tensor:
+    """Caffe's greedy NMS (ApplyNMSFast / ApplyNMS) on ``B`` problems at once.
+
+    ``boxes [B, M, 4]`` are the candidates of each problem already in descending score order,
+    ``valid [B, M]`` marks real candidates. A candidate is kept when its IoU with every box kept
+    before it is ``<= `` the current threshold; after each kept box the threshold of that problem
+    is multiplied by ``eta`` while it is above 0.5 (adaptive NMS, ``eta < 1``).
+    Returns ``keep [B, M]`` bool.
+    """
+    b, m, _ = boxes.shape
+    keep = torch.zeros(b, m, dtype=torch.bool, device=boxes.device)
+    thr = torch.full((b,), float(threshold), dtype=boxes.dtype, device=boxes.device)
+    areas = box_area(boxes)
+    for i in range(m):
+        box = boxes[:, i:i + 1]
+        iou = _iou(box, boxes[:, :i], areas[:, i:i + 1], areas[:, :i], pixel=False)
+        suppressed = (keep[:, :i] & (iou > thr.unsqueeze(-1))).any(-1)
+        kept = valid[:, i] & ~suppressed
+        keep[:, i] = kept
+        if eta < 1:
+            thr = torch.where(kept & (thr > 0.5), thr * eta, thr)
+    return keep
