@@ -120,6 +120,109 @@ def cmd_detect(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# data: annotated LMDB creation and inspection, the bundled sample set
+
+def create_data_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of the SSD fork's scripts/create_annoset.py (same names and defaults), plus
+    --skip-bad, --seed and --name-size."""
+    p.add_argument("root", help="folder the list file's paths are relative to")
+    p.add_argument("listfile", help="lines '<image> <annotation>' (or '<image> <int label>')")
+    p.add_argument("outdir", help="the LMDB to write")
+    p.add_argument("exampledir", nargs="?", help="folder to receive a symlink to the LMDB")
+    p.add_argument("--redo", action="store_true", help="recreate the database if it exists")
+    p.add_argument("--anno-type", default="classification", choices=("classification", "detection"))
+    p.add_argument("--label-type", default="xml", choices=("xml", "json", "txt"))
+    p.add_argument("--backend", default="lmdb", choices=("lmdb", "leveldb"))
+    p.add_argument("--check-size", action="store_true", help="all images must have one size")
+    p.add_argument("--encode-type", default="", help="encode images as this type (jpg, png ...)")
+    p.add_argument("--encoded", action="store_true", help="store encoded images")
+    p.add_argument("--gray", action="store_true", help="read images as grayscale")
+    p.add_argument("--label-map-file", default="", help="LabelMap prototxt (detection)")
+    p.add_argument("--min-dim", type=int, default=0)
+    p.add_argument("--max-dim", type=int, default=0)
+    p.add_argument("--resize-height", type=int, default=0)
+    p.add_argument("--resize-width", type=int, default=0)
+    p.add_argument("--shuffle", action="store_true", help="shuffle the list (seeded by --seed)")
+    p.add_argument("--check-label", action="store_true", help="duplicate names/labels are fatal")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip and count unreadable images and bad annotations instead of stopping")
+    p.add_argument("--seed", type=int, default=0, help="seed of --shuffle (default 0)")
+    p.add_argument("--name-size", metavar="FILE",
+                   help="also write '<stem> <height> <width>' per entry (get_image_size)")
+
+
+@command("create-data", "build an annotated LMDB from images and VOC/COCO annotations "
+         "(drop-in for the SSD fork's create_annoset.py)", create_data_arguments)
+def cmd_create_data(args) -> int:
+    import os
+    from .data import annoset
+    if args.backend != "lmdb":
+        raise UsageError("--backend leveldb is not supported; use lmdb (what the SSD scripts use)")
+    options = annoset.ConvertOptions(
+        anno_type=args.anno_type, label_type=args.label_type, label_map_file=args.label_map_file,
+        check_label=args.check_label, min_dim=args.min_dim, max_dim=args.max_dim,
+        resize_width=args.resize_width, resize_height=args.resize_height,
+        encode_type=args.encode_type, encoded=args.encoded, gray=args.gray,
+        check_size=args.check_size, shuffle=args.shuffle, seed=args.seed, skip_bad=args.skip_bad)
+    try:
+        report = annoset.build_annoset(args.root, args.listfile, args.outdir, options, redo=args.redo)
+        if args.name_size:
+            annoset.write_name_size_file(args.root, args.listfile, args.name_size)
+    except annoset.AnnosetError as err:
+        raise UsageError(str(err)) from None
+    for message in report.skipped:
+        print(f"skipped {message}", file=sys.stderr)
+    for message in report.warnings:
+        print(f"warning: {message}", file=sys.stderr)
+    if args.exampledir:
+        os.makedirs(args.exampledir, exist_ok=True)
+        link = os.path.join(args.exampledir, os.path.basename(os.path.normpath(args.outdir)))
+        if os.path.lexists(link):
+            os.unlink(link)
+        os.symlink(os.path.abspath(args.outdir), link)
+    print(report.summary())
+    return 0
+
+
+def _data_info_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("db", help="annotated LMDB")
+    p.add_argument("--list", action="store_true", help="one line per record")
+    p.add_argument("--dump", nargs="+", default=[], metavar="KEY|INDEX",
+                   help="print these records in full (image bytes by length)")
+
+
+@command("data-info", "count, list and dump the records of an annotated LMDB", _data_info_arguments)
+def cmd_data_info(args) -> int:
+    from .data import annoset
+    try:
+        annoset.describe_db(args.db, args.list, args.dump)
+    except annoset.AnnosetError as err:
+        raise UsageError(str(err)) from None
+    return 0
+
+
+def _make_sample_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="data/sample/generated", help="output folder")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train", type=int, default=300, help="training images")
+    p.add_argument("--test", type=int, default=100, help="test images")
+    p.add_argument("--backgrounds", help="folder of background photos (default data/sample/backgrounds)")
+
+
+@command("make-sample", "generate the bundled synthetic drone set (images, VOC XML, LMDBs)",
+         _make_sample_arguments)
+def cmd_make_sample(args) -> int:
+    from .data.sample import make_sample_set
+    try:
+        report = make_sample_set(args.out, args.seed, args.train, args.test,
+                                 backgrounds=args.backgrounds)
+    except (OSError, ValueError) as err:
+        raise UsageError(str(err)) from None
+    print(report.summary())
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deeper-ssd", description=__doc__.splitlines()[0])

@@ -1,6 +1,7 @@
 """Layers that produce the net's inputs: Input (fed by the caller) and AnnotatedData (LMDB)."""
 from __future__ import annotations
 
+from ..proto import caffe_pb2
 from .base import Layer
 from .registry import register
 
@@ -25,3 +26,146 @@ class Input(Layer):
     def forward(self):
         raise RuntimeError(f"Input layer '{self.name}' has no data of its own: pass its tops "
                            f"({', '.join(self.lp.top)}) to Net.forward as keyword arguments")
+
+
+@register
+class AnnotatedData(Layer):
+    """The SSD fork's AnnotatedData layer: batches of an annotated LMDB (``data_param.source``,
+    ``batch_size``, ``backend: LMDB``), augmented by ``transform_param`` and
+    ``annotated_data_param.batch_sampler`` exactly as the fork's load_batch does
+    (deeper_ssd.data.transforms), decoded in worker processes with prefetch.
+
+    Tops: ``data`` ``(batch_size, C, H, W)`` float32 (H, W from ``resize_param`` or the crop;
+    C 1 with ``force_gray`` else 3) and optionally ``label`` ``(1, 1, G, 8)`` float32, rows
+    ``[item, label, instance, xmin, ymin, xmax, ymax, difficult]`` with normalised box
+    coordinates, one row of -1 when the batch has no object. Both are CPU tensors.
+
+    The database is opened at the first forward, never at construction (shape-only builds on
+    the ``meta`` device read nothing). Knobs a trainer uses:
+
+    * :meth:`set_seed` — the augmentation seed and the batch to continue from (default seed:
+      ``torch.initial_seed()`` when the first batch is read); batches depend only on these;
+    * :meth:`configure_loader` — worker processes (default 1) and batches prefetched per worker
+      (default 3, Caffe's PREFETCH_COUNT);
+    * :meth:`set_shard` — ``rank``/``world_size`` for one process per GPU (records dealt
+      round-robin as Caffe's DataReader does); defaults to torch.distributed's in TRAIN;
+    * :attr:`timing` — a :class:`deeper_ssd.data.loader.DataTiming` with the time each forward
+      waited for its batch (``last_wait_s``, ``total_wait_s``, hooks).
+    """
+
+    caffe_type = "AnnotatedData"
+    num_bottoms = (0, 0)
+    num_tops = (1, 2)
+    is_source = True
+
+    def setup(self, bottoms):
+        from ..data.loader import DataTiming
+        from ..data.transforms import SSDTransformer, TransformError
+        dp = self.lp.data_param
+        if not dp.source:
+            raise ValueError("data_param.source is not set")
+        if dp.batch_size < 1:
+            raise ValueError("data_param.batch_size must be at least 1")
+        if dp.backend != caffe_pb2.DataParameter.LMDB:
+            raise ValueError(f"data_param.backend is {caffe_pb2.DataParameter.DB.Name(dp.backend)} "
+                             "(the proto default); only LMDB databases are supported: set 'backend: LMDB'")
+        samplers = list(self.lp.annotated_data_param.batch_sampler)
+        try:
+            self.transformer = SSDTransformer(self.lp.transform_param, self.phase, samplers)
+        except TransformError as err:
+            raise ValueError(str(err)) from None
+        resize = self.lp.transform_param.resize_param
+        if (self.lp.transform_param.HasField("resize_param") and not self.transformer.crop_hw
+                and resize.resize_mode == caffe_pb2.ResizeParameter.FIT_SMALL_SIZE and dp.batch_size != 1):
+            raise ValueError("resize_mode FIT_SMALL_SIZE gives every image its own size and needs "
+                             f"batch_size 1, not {dp.batch_size}")
+        self.image_shape = self.transformer.output_shape()
+        self.timing = DataTiming()
+        self._seed = None
+        self._start_batch = 0
+        self._workers, self._prefetch, self._pin = 1, 3, False
+        self._shard = None
+        self._loader = None
+        tops = [(dp.batch_size,) + self.image_shape]
+        if len(self.lp.top) > 1:
+            tops.append((1, 1, -1, 8))
+        return tops
+
+    # -- trainer knobs ---------------------------------------------------------------------------
+    def set_seed(self, seed: int, start_batch: int = 0) -> None:
+        """Seed the augmentation and continue from batch ``start_batch`` (0 = the first record);
+        takes effect at the next forward."""
+        self.close()
+        self._seed, self._start_batch = int(seed), int(start_batch)
+
+    def configure_loader(self, num_workers: int = None, prefetch: int = None,
+                         pin_memory: bool = None) -> None:
+        """Worker processes (0 = decode in the calling process), batches prefetched per worker,
+        pinned host memory; takes effect at the next forward (the read position is kept)."""
+        position = self.batches_served
+        self.close()
+        self._start_batch = position
+        if num_workers is not None:
+            self._workers = max(0, int(num_workers))
+        if prefetch is not None:
+            self._prefetch = max(1, int(prefetch))
+        if pin_memory is not None:
+            self._pin = bool(pin_memory)
+
+    def set_shard(self, rank: int, world_size: int) -> None:
+        """Read every ``world_size``-th record starting at ``rank`` (one process per GPU)."""
+        if not 0 <= rank < world_size:
+            raise self.error(f"rank {rank} outside world size {world_size}")
+        self.close()
+        self._shard = (int(rank), int(world_size))
+
+    @property
+    def batches_served(self) -> int:
+        """Index of the next batch this layer will return."""
+        return self._loader.next_batch if self._loader is not None else self._start_batch
+
+    def close(self) -> None:
+        """Stop the worker processes; the next forward starts them again where reading stopped."""
+        if self._loader is not None:
+            self._start_batch = self._loader.next_batch
+            self._loader.close()
+            self._loader = None
+
+    # -- data ------------------------------------------------------------------------------------
+    def _open(self):
+        import torch
+        from ..data.annoset import AnnosetError, AnnotatedDB
+        from ..data.loader import AnnotatedBatches, BatchLoader
+        where = f"layer '{self.name}' (AnnotatedData)"
+        try:
+            db = AnnotatedDB(self.lp.data_param.source, f"{where}: data_param.source LMDB")
+            keys = db.keys()
+            db.close()
+        except AnnosetError as err:
+            raise self.error(str(err).replace(f"{where}: ", "")) from None
+        if not keys:
+            raise self.error(f"LMDB {self.lp.data_param.source} has no records")
+        rank, world = self._shard or (0, 1)
+        if self._shard is None and self.phase == caffe_pb2.TRAIN:
+            dist = torch.distributed
+            if dist.is_available() and dist.is_initialized():
+                rank, world = dist.get_rank(), dist.get_world_size()
+        seed = self._seed if self._seed is not None else torch.initial_seed() % (1 << 63)
+        self._seed = seed
+        dataset = AnnotatedBatches(
+            self.lp.data_param.source, keys, self.lp.data_param.batch_size, self.transformer,
+            self.image_shape, seed, output_labels=len(self.lp.top) > 1,
+            anno_type_override=self.lp.annotated_data_param.HasField("anno_type"),
+            rank=rank, world_size=world, where=where)
+        self._loader = BatchLoader(dataset, self._start_batch, self._workers, self._prefetch,
+                                   self._pin, self.timing)
+
+    def forward(self):
+        from ..data.transforms import TransformError
+        if self._loader is None:
+            self._open()
+        try:
+            data, label = self._loader.next()
+        except TransformError as err:
+            raise self.error(str(err)) from None
+        return (data, label) if len(self.lp.top) > 1 else data

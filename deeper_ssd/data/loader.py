@@ -1,0 +1,199 @@
+"""Batches from an annotated LMDB, decoded and augmented in torch DataLoader worker processes.
+
+Reading order is the fork's DataReader: records in key order, wrapping around at the end; with
+``world_size`` consumers (one per GPU) record ``i`` goes to consumer ``i % world_size``. Batch
+``b`` of consumer ``rank`` holds its items ``b*batch_size .. b*batch_size + batch_size - 1``.
+
+Determinism: every item draws its augmentation from its own ``numpy`` Generator seeded with
+``(seed, rank, item index)``, so the batches depend only on the seed and the batch index, not on
+the number of workers or on timing. Workers prefetch ``prefetch`` batches each (Caffe prefetches
+3 batches in one thread).
+
+Timing: :class:`DataTiming` records how long the consumer waited for each batch (the data time
+a trainer reports) and how long a worker spent producing it.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import cv2
+import numpy as np
+import torch
+
+from ..proto import caffe_pb2
+from .annoset import AnnosetError, AnnotatedDB, parse_record
+from .transforms import SSDTransformer, TransformError, sample_from_datum
+
+__all__ = ["DataTiming", "AnnotatedBatches", "BatchLoader", "label_rows"]
+
+
+def label_rows(per_item: Sequence) -> np.ndarray:
+    """The SSD label blob rows ``[item, label, instance, xmin, ymin, xmax, ymax, difficult]``
+    (float32, G x 8) for the Objects of each item; one row of -1 when the batch has none."""
+    rows = [np.column_stack([np.full(len(o), item, np.float32), o.labels, o.instances, o.boxes,
+                             o.difficult]).astype(np.float32)
+            for item, o in enumerate(per_item) if len(o)]
+    if not rows:
+        return np.full((1, 8), -1, np.float32)
+    return np.concatenate(rows)
+
+
+class AnnotatedBatches(torch.utils.data.Dataset):
+    """Map-style dataset: batch index -> ``(data N x C x H x W, label 1 x 1 x G x 8 or None,
+    seconds the worker spent)``, all CPU float32.
+
+    ``shape`` is the static (C, H, W) of one image (-1 = decided by the data); every image of a
+    batch must match it and each other. ``anno_type_override`` mirrors
+    ``annotated_data_param.anno_type`` (records without a type are then taken as BBOX).
+    """
+
+    def __init__(self, db_path: str, keys: Sequence[bytes], batch_size: int,
+                 transformer: SSDTransformer, shape: Tuple[int, int, int], seed: int,
+                 output_labels: bool = True, anno_type_override: bool = False,
+                 rank: int = 0, world_size: int = 1, where: str = "AnnotatedData"):
+        self.db_path = db_path
+        self.keys = list(keys)
+        self.batch_size = batch_size
+        self.transformer = transformer
+        self.shape = tuple(shape)
+        self.seed = int(seed)
+        self.output_labels = output_labels
+        self.anno_type_override = anno_type_override
+        self.rank, self.world_size = rank, world_size
+        self.where = where
+        self._db: Optional[AnnotatedDB] = None
+        self._pid = -1
+
+    def _database(self) -> AnnotatedDB:
+        if self._pid != os.getpid():       # an LMDB environment must not cross a fork
+            self._db = AnnotatedDB(self.db_path, f"{self.where}: LMDB")
+            self._pid = os.getpid()
+        return self._db
+
+    def item(self, index: int):
+        """(C x H x W float32 image, Objects, key) of item ``index`` of this consumer."""
+        db = self._database()
+        key = self.keys[(index * self.world_size + self.rank) % len(self.keys)]
+        name = key.decode(errors="replace")
+        anno_datum = parse_record(db.get(key), f"{self.db_path}: record {name!r}")
+        sample = sample_from_datum(anno_datum, name)
+        if self.output_labels and not (sample.has_type or self.anno_type_override):
+            raise TransformError(f"record {name}: no annotation type (a classification record); "
+                                 "the AnnotatedData layer here reads BBOX records")
+        rng = np.random.default_rng([self.seed, self.rank, index])
+        image, objects = self.transformer.process(sample, rng)
+        return image, objects, name
+
+    def __getitem__(self, batch: int):
+        try:
+            return self._batch(batch)
+        except (AnnosetError, TransformError) as err:   # re-raised cleanly by BatchLoader.next
+            return _Failure(str(err))
+
+    def _batch(self, batch: int):
+        start = time.perf_counter()
+        images, objects = [], []
+        for i in range(self.batch_size):
+            image, objs, name = self.item(batch * self.batch_size + i)
+            expected = images[0].shape if images else self.shape
+            if any(e >= 0 and e != s for e, s in zip(expected, image.shape)) or len(image.shape) != 3:
+                raise TransformError(
+                    f"{self.where}: record {name} transforms to {'x'.join(map(str, image.shape))}, "
+                    f"the batch needs {'x'.join('?' if e < 0 else str(e) for e in expected)} (CxHxW); "
+                    "use resize_param or crop_size to give every image one size, force_color or "
+                    "force_gray to fix the channels")
+            images.append(image)
+            objects.append(objs)
+        data = torch.from_numpy(np.stack(images))
+        label = torch.from_numpy(label_rows(objects)).view(1, 1, -1, 8) if self.output_labels else None
+        return data, label, time.perf_counter() - start
+
+
+@dataclass
+class _Failure:
+    """A worker's bad-input error, carried back as a value so its message stays one line."""
+    message: str
+
+
+def _as_is(batch):
+    return batch
+
+
+class _BatchIndices(torch.utils.data.Sampler):
+    """0-based batch indices from ``start`` on, forever."""
+
+    def __init__(self, start: int):
+        self.start = start
+
+    def __iter__(self):
+        return itertools.count(self.start)
+
+
+def _init_worker(_worker_id: int) -> None:
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
+
+
+@dataclass
+class DataTiming:
+    """Per-batch timing: ``last_wait_s`` the consumer waited for the latest batch,
+    ``last_work_s`` the worker needed to build it; totals since the last :meth:`reset`."""
+    last_wait_s: float = 0.0
+    last_work_s: float = 0.0
+    total_wait_s: float = 0.0
+    total_work_s: float = 0.0
+    batches: int = 0
+    hooks: List[Callable[["DataTiming"], None]] = field(default_factory=list, repr=False)
+
+    def record(self, wait_s: float, work_s: float) -> None:
+        self.last_wait_s, self.last_work_s = wait_s, work_s
+        self.total_wait_s += wait_s
+        self.total_work_s += work_s
+        self.batches += 1
+        for hook in self.hooks:
+            hook(self)
+
+    def reset(self) -> None:
+        self.total_wait_s = self.total_work_s = 0.0
+        self.batches = 0
+
+
+class BatchLoader:
+    """Iterates an :class:`AnnotatedBatches` from batch ``start`` with ``num_workers`` worker
+    processes (0 = in this process) each prefetching ``prefetch`` batches."""
+
+    def __init__(self, dataset: AnnotatedBatches, start: int = 0, num_workers: int = 1,
+                 prefetch: int = 3, pin_memory: bool = False, timing: Optional[DataTiming] = None):
+        self.dataset = dataset
+        self.timing = timing if timing is not None else DataTiming()
+        kwargs = dict(batch_size=None, sampler=_BatchIndices(start), num_workers=num_workers,
+                      pin_memory=pin_memory, collate_fn=_as_is)
+        if num_workers > 0:
+            kwargs.update(prefetch_factor=prefetch, worker_init_fn=_init_worker)
+        self._loader = torch.utils.data.DataLoader(dataset, **kwargs)
+        self._iter = None
+        self.next_batch = start
+
+    def next(self):
+        """The next batch ``(data, label)``; the wait is recorded in :attr:`timing`. A record
+        that cannot be read or transformed raises TransformError naming it."""
+        if self._iter is None:
+            self._iter = iter(self._loader)
+        start = time.perf_counter()
+        batch = next(self._iter)
+        if isinstance(batch, _Failure):
+            raise TransformError(batch.message)
+        data, label, work_s = batch
+        self.timing.record(time.perf_counter() - start, work_s)
+        self.next_batch += 1
+        return data, label
+
+    def close(self) -> None:
+        """Stop the workers (the loader cannot be used afterwards)."""
+        iterator, self._iter = self._iter, None
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
