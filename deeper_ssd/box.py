@@ -15,11 +15,12 @@ from __future__ import annotations
 
 from typing import Optional, Tuple
 
+import numpy as np
 import torch
 
 __all__ = ["CORNER", "CENTER_SIZE", "CORNER_SIZE", "CODE_NAMES", "box_area", "pairwise_iou",
            "iou_with", "is_cross_boundary", "encode", "decode", "match", "greedy_nms",
-           "descending_rank", "select_top"]
+           "descending_rank", "select_top", "clip", "to_image_pixels"]
 
 #: PriorBoxParameter.CodeType values (note: they start at 1)
 CORNER, CENTER_SIZE, CORNER_SIZE = 1, 2, 3
@@ -131,6 +132,57 @@ def decode(priors: torch.Tensor, variances: torch.Tensor, loc: torch.Tensor, cod
         _, _, pw, ph = _center_size(priors)
         return priors + loc * torch.stack([pw, ph, pw, ph], dim=-1)
     raise ValueError(f"unknown code_type {code_type}")
+
+
+def clip(boxes: torch.Tensor, width: float = 1.0, height: float = 1.0) -> torch.Tensor:
+    """Clamp ``[..., 4]`` boxes to ``[0, width] x [0, height]`` (Caffe's ClipBBox)."""
+    bound = boxes.new_tensor([width, height, width, height])
+    return torch.minimum(boxes.clamp(min=0), bound)
+
+
+def to_image_pixels(boxes: torch.Tensor, height: int, width: int, resize=None):
+    """Caffe's OutputBBox: normalised boxes of the network input -> pixels of the original
+    ``height x width`` image, undoing the test-time ``resize`` policy (a ResizeParameter or None).
+
+    Returns ``(boxes, areas)``: the areas are the ones Caffe caches for the pixel-mode IoU,
+    ``(w+1)*(h+1)`` after ScaleBBox (``w*h`` when a FIT_SMALL_SIZE box is clipped to the image
+    last). WARP / no policy: clip to [0, 1], scale. FIT_LARGE_SIZE_AND_PAD: project out of the
+    padded region first (a box outside it stays as it is), then clip and scale. FIT_SMALL_SIZE
+    with ``height_scale``/``width_scale``: scale by those, then clip to the image.
+    """
+    boxes = boxes.float()
+    mode = resize.resize_mode if resize is not None else 0
+    scale = boxes.new_tensor([width, height, width, height])
+    pixel = width > 1 or height > 1
+
+    def clip_and_scale(b):
+        out = clip(b) * scale
+        return out, box_area(out, pixel=pixel)
+
+    if mode == 3:                                                 # FIT_LARGE_SIZE_AND_PAD
+        rh, rw = float(resize.height), float(resize.width)
+        if not (rh > 0 and rw > 0):
+            raise ValueError("resize_param height and width must be > 0 for FIT_LARGE_SIZE_AND_PAD")
+        f32 = np.float32
+        aspect, resize_aspect = f32(width) / f32(height), f32(rw) / f32(rh)
+        if aspect > resize_aspect:
+            pad = (f32(rh) - f32(rw) / aspect) / f32(2)
+            src = [0.0, pad / f32(rh), 1.0, 1.0 - pad / f32(rh)]
+        else:
+            pad = (f32(rw) - f32(rh) * aspect) / f32(2)
+            src = [pad / f32(rw), 0.0, 1.0 - pad / f32(rw), 1.0]
+        src = boxes.new_tensor([float(f32(v)) for v in src])
+        overlap = ~((boxes[..., 0] >= src[2]) | (boxes[..., 2] <= src[0]) |
+                    (boxes[..., 1] >= src[3]) | (boxes[..., 3] <= src[1]))
+        size = torch.stack([src[2] - src[0], src[3] - src[1]] * 2)
+        origin = torch.stack([src[0], src[1]] * 2)
+        projected = clip((boxes - origin) / size)
+        return clip_and_scale(torch.where(overlap.unsqueeze(-1), projected, boxes))
+    if mode == 2 and resize.height_scale and resize.width_scale:  # FIT_SMALL_SIZE with scales
+        out = clip(boxes * boxes.new_tensor([resize.width_scale, resize.height_scale] * 2),
+                   float(width), float(height))
+        return out, box_area(out)
+    return clip_and_scale(boxes)
 
 
 # ---------------------------------------------------------------------------------------------

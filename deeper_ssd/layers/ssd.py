@@ -16,14 +16,17 @@ The box math (IoU, coding, matching, mining, NMS) lives in :mod:`deeper_ssd.box`
 """
 from __future__ import annotations
 
+import json
 import math
+import os
+import re
 from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import box
+from .. import box, io
 from ..proto import caffe_pb2
 from .base import Layer, Shape, count, format_shape
 from .registry import register
@@ -313,6 +316,11 @@ class DetectionOutput(Layer):
                              "window on a fourth 'data' bottom); draw detections with "
                              "`deeper-ssd detect` instead")
         self.num_priors = _check_heads(self, bottoms, self.num_classes, self.loc_classes)
+        save = p.save_output_param
+        self.saver = None
+        if (save.output_directory and save.HasField("label_map_file") and save.label_map_file
+                and save.HasField("name_size_file") and save.name_size_file):
+            self.saver = ResultWriter(self, save)
         return [(1, 1, -1, 7)]
 
     def forward(self, loc, conf, prior, *image):
@@ -328,6 +336,8 @@ class DetectionOutput(Layer):
         in the whole batch, one ``[i, -1, -1, -1, -1, -1, -1]`` row per image.
         """
         detections, _ = self.detect(loc, conf, prior)
+        if self.saver is not None:
+            self.saver.add(detections, loc.shape[0])
         return detections
 
     def detect(self, loc, conf, prior):
@@ -372,6 +382,115 @@ class DetectionOutput(Layer):
         rows = torch.full((n, 7), -1.0, dtype=dtype, device=device)
         rows[:, 0] = torch.arange(n, dtype=dtype, device=device)
         return rows.view(1, 1, n, 7)
+
+
+class ResultWriter:
+    """DetectionOutput's ``save_output_param``: result files of a test pass, as Caffe writes them.
+
+    Each image of each forward takes the next line of ``name_size_file`` ("name height width");
+    its detections are mapped to pixels of that original image (:func:`box.to_image_pixels`
+    with ``resize_param``) and ``xmin, ymin, width, height`` are rounded to 2 decimals, then
+    truncated to integers. After every ``num_test_image`` images (default: all lines) the files
+    are written in ``output_directory`` (created if needed, never emptied) and counting restarts:
+
+    * VOC: ``<prefix><class name>.txt`` per non-background class of the label map, lines
+      ``name score xmin ymin xmin+width ymin+height`` (no +1 shift); the files are truncated at
+      the start of each pass;
+    * COCO: ``<prefix>.json``, a list of ``{"image_id", "category_id" (class name), "bbox":
+      [x, y, w, h], "score"}`` with numeric-looking strings unquoted (as Caffe's regex does);
+    * ILSVRC: ``<prefix>.txt``, lines ``name label score xmin ymin xmax ymax``.
+
+    The label map and the name/size list are read at the first forward.
+    """
+
+    FORMATS = ("VOC", "COCO", "ILSVRC")
+
+    def __init__(self, layer: Layer, param: caffe_pb2.SaveOutputParameter):
+        if param.output_format not in self.FORMATS:
+            raise ValueError(f"save_output_param.output_format {param.output_format!r} must be one of "
+                             f"{', '.join(self.FORMATS)}")
+        self.layer, self.param = layer, param
+        self.directory = param.output_directory
+        self.names: Optional[List[str]] = None
+        self.count = 0
+        self.pending: List[Tuple[str, int, float, List[int]]] = []
+
+    def _load(self):
+        p = self.param
+        try:
+            labelmap = io.read_labelmap(p.label_map_file)
+            with open(p.name_size_file) as handle:
+                words = handle.read().split()
+        except (OSError, io.CaffeFormatError) as err:
+            raise self.layer.error(f"save_output_param: {err}") from None
+        self.label_names = {item.label: item.name for item in labelmap.item}
+        self.names = words[0::3][:len(words) // 3]
+        self.sizes = [(int(h), int(w)) for h, w in zip(words[1::3], words[2::3])]
+        self.num_test_image = p.num_test_image if p.HasField("num_test_image") else len(self.names)
+        if not 0 < self.num_test_image <= len(self.names):
+            raise self.layer.error(f"save_output_param: num_test_image {self.num_test_image} must be in "
+                                   f"[1, {len(self.names)}] (lines of {p.name_size_file})")
+
+    def _path(self, suffix: str) -> str:
+        os.makedirs(self.directory, exist_ok=True)
+        return os.path.join(self.directory, self.param.output_name_prefix + suffix)
+
+    def _voc_files(self):
+        return {label: self._path(name + ".txt") for label, name in sorted(self.label_names.items())
+                if label != self.layer.background_label_id}
+
+    def add(self, detections: torch.Tensor, num_images: int) -> None:
+        if self.names is None:
+            self._load()
+        if self.count % self.num_test_image == 0 and self.param.output_format == "VOC":
+            for path in self._voc_files().values():
+                open(path, "w").close()
+        rows = detections.detach().reshape(-1, 7).cpu().float()
+        resize = self.param.resize_param if self.param.HasField("resize_param") else None
+        for image in range(num_images):
+            mine = rows[(rows[:, 0] == image) & (rows[:, 1] != -1)]
+            height, width = self.sizes[self.count]
+            pixels, _ = box.to_image_pixels(mine[:, 3:7], height, width, resize)
+            for (label, score), (x0, y0, x1, y1) in zip(mine[:, 1:3].tolist(), pixels.numpy()):
+                if int(label) not in self.label_names:
+                    raise self.layer.error(f"label {int(label)} is not in {self.param.label_map_file}")
+                bbox = [_round2_trunc(x0), _round2_trunc(y0), _round2_trunc(x1 - x0), _round2_trunc(y1 - y0)]
+                self.pending.append((self.names[self.count], int(label), score, bbox))
+            self.count += 1
+            if self.count % self.num_test_image == 0:
+                self._write()
+                self.count = 0
+                self.pending = []
+
+    def _write(self):
+        fmt = self.param.output_format
+        if fmt == "VOC":
+            files = self._voc_files()
+            lines = {label: [] for label in files}
+            for name, label, score, (x, y, w, h) in self.pending:
+                if label in lines:
+                    lines[label].append(f"{name} {score:g} {x} {y} {x + w} {y + h}\n")
+            for label, path in files.items():
+                with open(path, "w") as handle:
+                    handle.writelines(lines[label])
+        elif fmt == "COCO":
+            records = [{"image_id": name, "category_id": self.label_names[label], "bbox": bbox,
+                        "score": float(np.float32(score))} for name, label, score, bbox in self.pending]
+            text = json.dumps(records, indent=1)
+            text = re.sub(r'"(null|true|false|-?[0-9]+(\.[0-9]+)?)"', r"\1", text)
+            with open(self._path(".json"), "w") as handle:
+                handle.write(text + "\n")
+        else:
+            with open(self._path(".txt"), "w") as handle:
+                for name, label, score, (x, y, w, h) in self.pending:
+                    handle.write(f"{name} {label} {score:g} {x} {y} {x + w} {y + h}\n")
+
+
+def _round2_trunc(value: float) -> int:
+    """``static_cast<int>(round(v * 100) / 100.)`` in float, C rounding (half away from zero)."""
+    scaled = float(np.float32(np.float32(value) * np.float32(100)))
+    rounded = math.copysign(math.floor(abs(scaled) + 0.5), scaled)
+    return int(np.float32(rounded / 100.0))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -690,5 +809,93 @@ class DetectionEvaluate(Layer):
                              f"{format_shape(det)}")
         _check_label_blob(self, label, 1)
         self.num_pos_classes = self.num_classes - 1
-        rows = -1 if det[2] < 0 else self.num_pos_classes + det[2]
-        return [(1, 1, rows, 5)]
+        self._sizes: Optional[List[Tuple[int, int]]] = None
+        self._name_index = 0
+        return [(1, 1, -1, 5)]
+
+    def forward(self, detections, label):
+        """``detections [1, 1, D, 7]``, ``label [1, 1, G, 8]`` -> ``[1, 1, C-1 + D', 5]`` rows:
+        first ``[-1, c, n_pos(c), -1, -1]`` for every non-background class ``c`` ascending
+        (``n_pos`` counts difficult objects only with ``evaluate_difficult_gt``), then for each
+        image ascending, each label ascending, one ``[image, label, score, tp, fp]`` per
+        detection (D' = detections whose label is not -1).
+
+        Within an (image, label) that has objects, detections go by descending score (stable)
+        and each takes the object of largest IoU (first on ties): true positive if IoU >=
+        overlap_threshold and the object is still unused, ``[.., 0, 0]`` if that object is
+        difficult and difficult ones are not evaluated, else false positive. Without objects of
+        the label, every detection is a false positive, in input order. With ``name_size_file``
+        boxes are first mapped to pixels of the original image (clipped, VOC "+1" areas); its
+        line advances once per image present in the detections and wraps at the end, across
+        forward calls (like Caffe). Runs on the host; the result goes back to the input device.
+        """
+        det = detections.detach().reshape(-1, 7).cpu().float()
+        gt_rows = label.detach().reshape(-1, 8).cpu().float()
+        background = self.background_label_id
+        det_item, det_label = det[:, 0].long(), det[:, 1].long()
+        real = det_item != -1
+        if bool((real & (det_label == background)).any()):
+            raise self.error(f"found background label {background} in the detections "
+                             f"'{self.lp.bottom[0]}'")
+        items = torch.cat([det_item, gt_rows[:, 0].long()])
+        gt = read_ground_truth(self, gt_rows, int(items.max()) + 1 if len(items) else 0,
+                               keep_difficult=True, stop_at_missing=True)
+        counted = gt.valid & (~gt.difficult if not self.evaluate_difficult_gt else True)
+        rows = [[-1.0, float(c), float((counted & (gt.labels == c)).sum()), -1.0, -1.0]
+                for c in range(self.num_classes) if c != background]
+        evaluated = real & (det_label != -1)
+        images = sorted(set(det_item[real].tolist()))       # each advances the name/size line
+        sizes = self._image_sizes() if self.name_size_file else None
+        for image in images:
+            mine = evaluated & (det_item == image)
+            for cls in sorted(set(det_label[mine].tolist())):
+                group = det[mine & (det_label == cls)]
+                rows.extend(self._evaluate_group(image, cls, group, gt, sizes))
+            if sizes:
+                self._name_index = (self._name_index + 1) % len(sizes)
+        out = torch.tensor(rows, dtype=torch.float32).to(device=detections.device, dtype=detections.dtype)
+        return out.view(1, 1, -1, 5)
+
+    def _evaluate_group(self, image, cls, group, gt: GroundTruth, sizes):
+        scores = group[:, 2]
+        objects = gt.valid[image] & (gt.labels[image] == cls) if 0 <= image < len(gt.valid) else None
+        if objects is None or not bool(objects.any()):
+            return [[float(image), float(cls), float(s), 0.0, 1.0] for s in scores]
+        order = torch.sort(scores, descending=True, stable=True).indices
+        boxes, scores = group[order, 3:7], scores[order]
+        truth, difficult = gt.boxes[image][objects], gt.difficult[image][objects]
+        if sizes:
+            height, width = sizes[self._name_index]
+            boxes, box_areas = box.to_image_pixels(boxes, height, width, self.resize_param)
+            truth, truth_areas = box.to_image_pixels(truth, height, width, self.resize_param)
+            iou = box.pairwise_iou(boxes, truth, pixel=True, area_a=box_areas, area_b=truth_areas)
+        else:
+            iou = box.pairwise_iou(boxes, truth)
+        best = iou.argmax(1)                                          # first max
+        overlap = iou.gather(1, best.unsqueeze(1)).squeeze(1)
+        hit = overlap >= self.overlap_threshold
+        scored = hit & (torch.ones_like(hit) if self.evaluate_difficult_gt else ~difficult[best])
+        first = torch.zeros_like(hit)                                 # first scored hit of its object
+        seen = set()
+        for i in scored.nonzero().flatten().tolist():
+            if best[i].item() not in seen:
+                seen.add(best[i].item())
+                first[i] = True
+        tp = first
+        fp = ~hit | (scored & ~first)
+        return [[float(image), float(cls), float(s), float(t), float(f)]
+                for s, t, f in zip(scores.tolist(), tp.tolist(), fp.tolist())]
+
+    def _image_sizes(self) -> List[Tuple[int, int]]:
+        """``(height, width)`` per line of name_size_file ("name height width"), read once."""
+        if self._sizes is None:
+            try:
+                with open(self.name_size_file) as handle:
+                    words = handle.read().split()
+            except OSError as err:
+                raise self.error(f"cannot read name_size_file '{self.name_size_file}': {err.strerror}") from None
+            sizes = [(int(words[i + 1]), int(words[i + 2])) for i in range(0, len(words) - 2, 3)]
+            if not sizes:
+                raise self.error(f"name_size_file '{self.name_size_file}' has no 'name height width' line")
+            self._sizes = sizes
+        return self._sizes
