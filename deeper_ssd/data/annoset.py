@@ -588,10 +588,11 @@ def _record_line(key: bytes, anno_datum: caffe_pb2.AnnotatedDatum) -> str:
 
 
 def describe_db(path: PathLike, list_records: bool = False, dump: Sequence[str] = (),
-                out=sys.stdout) -> None:
+                out=None) -> None:
     """Print a summary (count, first/last key, objects per label), optionally every record
     (``list_records``) and the full text of the records whose key or index is in ``dump``
-    (image bytes shown by length only)."""
+    (image bytes shown by length only) to ``out`` (default stdout)."""
+    out = out if out is not None else sys.stdout
     db = AnnotatedDB(path)
     keys = db.keys()
     per_label: Dict[int, int] = {}

@@ -150,40 +150,6 @@ def _clip(boxes: np.ndarray) -> np.ndarray:
     return np.clip(boxes, f32(0), f32(1)).astype(f32)
 
 
-def _intersect(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    """IntersectBBox(box, each of boxes): all-zero where disjoint (strict comparisons)."""
-    disjoint = ((boxes[:, 0] > box[2]) | (boxes[:, 2] < box[0]) |
-                (boxes[:, 1] > box[3]) | (boxes[:, 3] < box[1]))
-    inter = np.stack([np.maximum(box[0], boxes[:, 0]), np.maximum(box[1], boxes[:, 1]),
-                      np.minimum(box[2], boxes[:, 2]), np.minimum(box[3], boxes[:, 3])], axis=1)
-    inter[disjoint] = 0
-    return inter.astype(f32)
-
-
-def jaccard_overlap(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    """JaccardOverlap(box, each of boxes), normalised coordinates (float32, n)."""
-    inter = _intersect(box, boxes)
-    iw = inter[:, 2] - inter[:, 0]
-    ih = inter[:, 3] - inter[:, 1]
-    isize = iw * ih
-    union = _box_size(box[None])[0] + _box_size(boxes) - isize
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where((iw > 0) & (ih > 0), isize / union, f32(0)).astype(f32)
-
-
-def _coverage(first: np.ndarray, second: np.ndarray) -> np.ndarray:
-    """BBoxCoverage(first, second) = area(first ∩ second) / area(first), row by row."""
-    inter = np.stack([np.maximum(first[:, 0], second[:, 0]), np.maximum(first[:, 1], second[:, 1]),
-                      np.minimum(first[:, 2], second[:, 2]), np.minimum(first[:, 3], second[:, 3])],
-                     axis=1)
-    disjoint = ((second[:, 0] > first[:, 2]) | (second[:, 2] < first[:, 0]) |
-                (second[:, 1] > first[:, 3]) | (second[:, 3] < first[:, 1]))
-    inter[disjoint] = 0
-    isize = _box_size(inter.astype(f32))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(isize > 0, isize / _box_size(first), f32(0)).astype(f32)
-
-
 def meet_emit_constraint(src: np.ndarray, boxes: np.ndarray,
                          emit: caffe_pb2.EmitConstraint) -> np.ndarray:
     """MeetEmitConstraint of each box against the crop ``src``: CENTER keeps a box whose
@@ -193,7 +159,10 @@ def meet_emit_constraint(src: np.ndarray, boxes: np.ndarray,
         xc = (boxes[:, 0] + boxes[:, 2]) / f32(2)
         yc = (boxes[:, 1] + boxes[:, 3]) / f32(2)
         return (xc >= src[0]) & (xc <= src[2]) & (yc >= src[1]) & (yc <= src[3])
-    return _coverage(boxes, np.broadcast_to(src, boxes.shape)) > f32(emit.emit_overlap)
+    isize = _box_size(_pairwise_intersection(boxes, src[None])[:, 0])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        coverage = np.where(isize > 0, isize / _box_size(boxes), f32(0)).astype(f32)
+    return coverage > f32(emit.emit_overlap)
 
 
 def project_boxes(src: np.ndarray, boxes: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
@@ -273,80 +242,103 @@ def _extrapolate_boxes(param: caffe_pb2.ResizeParameter, height: int, width: int
 # ---------------------------------------------------------------------------------------------
 # batch samplers (sampler.cpp)
 
+def _pairwise_intersection(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IntersectBBox of every row of ``a`` (T x 4) with every row of ``b`` (N x 4): T x N x 4,
+    all-zero where disjoint (strict comparisons)."""
+    a, b = a[:, None, :], b[None, :, :]
+    inter = np.concatenate([np.maximum(a[..., :2], b[..., :2]), np.minimum(a[..., 2:], b[..., 2:])], axis=-1)
+    disjoint = ((b[..., 0] > a[..., 2]) | (b[..., 2] < a[..., 0]) |
+                (b[..., 1] > a[..., 3]) | (b[..., 3] < a[..., 1]))
+    inter[disjoint] = 0
+    return inter.astype(f32)
+
+
+def _constraint_test(samples: np.ndarray, boxes: np.ndarray,
+                     constraint: caffe_pb2.SampleConstraint) -> np.ndarray:
+    """SatisfySampleConstraint for T samples against N objects (bool, T).
+
+    The fork's loop sets ``found`` as soon as one test of an object passes and never clears it,
+    and skips an object's remaining tests at its first failing one; so a sample is accepted iff
+    some object passes the FIRST configured test (jaccard overlap, else sample coverage, else
+    object coverage) — later tests never reject. This is that rule, vectorised.
+    """
+    has = constraint.HasField
+    tests = (("min_jaccard_overlap", "max_jaccard_overlap"),
+             ("min_sample_coverage", "max_sample_coverage"),
+             ("min_object_coverage", "max_object_coverage"))
+    first = next((t for t in tests if has(t[0]) or has(t[1])), None)
+    if first is None:
+        return np.ones(len(samples), bool)
+    if len(boxes) == 0:
+        return np.zeros(len(samples), bool)
+    inter = _pairwise_intersection(samples, boxes)
+    iw, ih = inter[..., 2] - inter[..., 0], inter[..., 3] - inter[..., 1]
+    sample_size = _box_size(samples)[:, None]
+    box_size = _box_size(boxes)[None, :]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if first is tests[0]:
+            isize = iw * ih
+            value = np.where((iw > 0) & (ih > 0), isize / (sample_size + box_size - isize), f32(0))
+        else:
+            isize = _box_size(inter)
+            value = np.where(isize > 0, isize / (sample_size if first is tests[1] else box_size), f32(0))
+    value = value.astype(f32)
+    ok = np.ones(value.shape, bool)
+    if has(first[0]):
+        ok &= value >= f32(getattr(constraint, first[0]))
+    if has(first[1]):
+        ok &= value <= f32(getattr(constraint, first[1]))
+    return ok.any(axis=1)
+
+
+def jaccard_overlap(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """JaccardOverlap(box, each of boxes), normalised coordinates (float32, n)."""
+    inter = _pairwise_intersection(box[None], boxes)[0]
+    iw, ih = inter[:, 2] - inter[:, 0], inter[:, 3] - inter[:, 1]
+    isize = iw * ih
+    with np.errstate(divide="ignore", invalid="ignore"):
+        value = np.where((iw > 0) & (ih > 0),
+                         isize / (_box_size(box[None]) + _box_size(boxes) - isize), f32(0))
+    return value.astype(f32)
+
+
 def satisfy_sample_constraint(sample: np.ndarray, boxes: np.ndarray,
                               constraint: caffe_pb2.SampleConstraint) -> bool:
-    """SatisfySampleConstraint, including its quirk: once one test passed for some object,
-    ``found`` stays true while later objects are tried, so a later failing test does not
-    reject the sample."""
-    has = constraint.HasField
-    jac = has("min_jaccard_overlap") or has("max_jaccard_overlap")
-    scov = has("min_sample_coverage") or has("max_sample_coverage")
-    ocov = has("min_object_coverage") or has("max_object_coverage")
-    if not (jac or scov or ocov):
-        return True
-    found = False
-    n = len(boxes)
-    samples = np.broadcast_to(sample, (n, 4))
-    overlaps = jaccard_overlap(sample, boxes) if jac else None
-    sample_cov = _coverage(samples, boxes) if scov else None
-    object_cov = _coverage(boxes, samples) if ocov else None
-    for i in range(n):
-        if jac:
-            v = overlaps[i]
-            if has("min_jaccard_overlap") and v < f32(constraint.min_jaccard_overlap):
-                continue
-            if has("max_jaccard_overlap") and v > f32(constraint.max_jaccard_overlap):
-                continue
-            found = True
-        if scov:
-            v = sample_cov[i]
-            if has("min_sample_coverage") and v < f32(constraint.min_sample_coverage):
-                continue
-            if has("max_sample_coverage") and v > f32(constraint.max_sample_coverage):
-                continue
-            found = True
-        if ocov:
-            v = object_cov[i]
-            if has("min_object_coverage") and v < f32(constraint.min_object_coverage):
-                continue
-            if has("max_object_coverage") and v > f32(constraint.max_object_coverage):
-                continue
-            found = True
-        if found:
-            return True
-    return found
+    """SatisfySampleConstraint of one sample box against the object boxes (see
+    :func:`_constraint_test` for the fork's first-test-decides rule)."""
+    return bool(_constraint_test(sample[None], boxes, constraint)[0])
 
 
-def _sample_bbox(sampler: caffe_pb2.Sampler, rng: np.random.Generator) -> np.ndarray:
-    """SampleBBox: scale ~ U(min, max); aspect ratio ~ U(min, max) clamped to
+def _sample_boxes(sampler: caffe_pb2.Sampler, count: int, rng: np.random.Generator) -> np.ndarray:
+    """SampleBBox, ``count`` times: scale ~ U(min, max); aspect ratio ~ U(min, max) clamped to
     [scale^2, 1/scale^2]; width scale*sqrt(ar), height scale/sqrt(ar); position uniform."""
-    scale = f32(rng.uniform(sampler.min_scale, sampler.max_scale))
-    ar = f32(rng.uniform(sampler.min_aspect_ratio, sampler.max_aspect_ratio))
-    ar = max(ar, f32(float(scale) ** 2))
-    ar = min(ar, f32(1 / float(scale) ** 2))
-    w = scale * np.sqrt(ar, dtype=f32)
-    h = scale / np.sqrt(ar, dtype=f32)
-    x0 = f32(rng.uniform(0, max(0.0, float(f32(1) - w))))
-    y0 = f32(rng.uniform(0, max(0.0, float(f32(1) - h))))
-    return np.array([x0, y0, x0 + w, y0 + h], f32)
+    scale = rng.uniform(sampler.min_scale, sampler.max_scale, count).astype(f32)
+    ar = rng.uniform(sampler.min_aspect_ratio, sampler.max_aspect_ratio, count).astype(f32)
+    square = scale.astype(np.float64) ** 2
+    ar = np.minimum(np.maximum(ar, square.astype(f32)), (1 / square).astype(f32))
+    w = scale * np.sqrt(ar)
+    h = scale / np.sqrt(ar)
+    u = rng.uniform(size=(2, count))
+    x0 = (u[0] * np.maximum(0, f32(1) - w)).astype(f32)
+    y0 = (u[1] * np.maximum(0, f32(1) - h)).astype(f32)
+    return np.stack([x0, y0, x0 + w, y0 + h], axis=1).astype(f32)
 
 
 def generate_batch_samples(boxes: np.ndarray, batch_samplers: Sequence[caffe_pb2.BatchSampler],
                            rng: np.random.Generator) -> List[np.ndarray]:
-    """GenerateBatchSamples: for each sampler using the original image, up to max_trials
-    samples (stopping at max_sample accepted ones when set) that satisfy its constraint."""
+    """GenerateBatchSamples: for each sampler using the original image, its trials in order
+    (max_trials of them), keeping those that satisfy its constraint, at most max_sample when
+    set. (All trials are drawn at once; the fork stops drawing at max_sample, which changes the
+    random stream but not the distribution of the kept samples.)"""
     accepted: List[np.ndarray] = []
     for batch_sampler in batch_samplers:
-        if not batch_sampler.use_original_image:
+        if not batch_sampler.use_original_image or batch_sampler.max_trials == 0:
             continue
-        found = 0
-        for _ in range(batch_sampler.max_trials):
-            if batch_sampler.HasField("max_sample") and found >= batch_sampler.max_sample:
-                break
-            sample = _sample_bbox(batch_sampler.sampler, rng)
-            if satisfy_sample_constraint(sample, boxes, batch_sampler.sample_constraint):
-                found += 1
-                accepted.append(sample)
+        trials = _sample_boxes(batch_sampler.sampler, batch_sampler.max_trials, rng)
+        keep = np.flatnonzero(_constraint_test(trials, boxes, batch_sampler.sample_constraint))
+        if batch_sampler.HasField("max_sample"):
+            keep = keep[:batch_sampler.max_sample]
+        accepted.extend(trials[keep])
     return accepted
 
 
@@ -651,10 +643,10 @@ class SSDTransformer:
         fw, fh = f32(w), f32(h)
         expand_box = np.array([-w_off / fw, -h_off / fh, (f32(width) - w_off) / fw,
                                (f32(height) - h_off) / fh], f32)
-        canvas = np.zeros((height, width, c), np.uint8)
-        if len(self.mean_values):
-            canvas[:] = np.clip(np.rint(self._means(c, sample.key)), 0, 255).astype(np.uint8)
-        canvas[int(h_off):int(h_off) + h, int(w_off):int(w_off) + w] = img
+        top, left = int(h_off), int(w_off)
+        fill = np.clip(np.rint(self._means(c, sample.key)), 0, 255).tolist() if len(self.mean_values) else [0] * c
+        canvas = _hwc(cv2.copyMakeBorder(img, top, height - h - top, left, width - w - left,
+                                         cv2.BORDER_CONSTANT, value=fill + [0] * (4 - c)))
         objects = self.transform_annotation(sample.objects, expand_box, False, key=sample.key)
         return self._reencode(sample, canvas, objects)
 
@@ -728,7 +720,19 @@ class SSDTransformer:
             if img_h < height or img_w < width:
                 raise TransformError(f"record {sample.key}: image {img_w}x{img_h} is smaller than "
                                      f"the blob {width}x{height}")
-        pixels = img[h_off:h_off + height, w_off:w_off + width].astype(f32).transpose(2, 0, 1)
+        pixels = self._pixels(img, h_off, w_off, height, width, do_mirror, sample)
+        crop = np.array([f32(w_off) / f32(img_w), f32(h_off) / f32(img_h),
+                         f32(w_off + width) / f32(img_w), f32(h_off + height) / f32(img_h)], f32)
+        objects = self.transform_annotation(sample.objects, crop, do_mirror,
+                                            resize_from=(src_w, src_h), key=sample.key)
+        return pixels, objects
+
+    def _pixels(self, img: np.ndarray, h_off: int, w_off: int, height: int, width: int,
+                do_mirror: bool, sample: Sample) -> np.ndarray:
+        """The ``height x width`` window at (h_off, w_off), mirrored, as ``(pixel - mean) * scale``
+        in C x H x W float32 (float32 arithmetic as the fork's)."""
+        img_h, img_w, channels = img.shape
+        window = img[h_off:h_off + height, w_off:w_off + width]
         mean_blob = self.mean_blob
         if mean_blob is not None:
             if mean_blob.shape != (channels, img_h, img_w):
@@ -736,7 +740,8 @@ class SSDTransformer:
                                      f"{'x'.join(map(str, mean_blob.shape))}, the image "
                                      f"{channels}x{img_h}x{img_w}")
             mean = mean_blob[:, h_off:h_off + height, w_off:w_off + width]
-            # the fork indexes the mean by source pixel on raw datums, by output pixel otherwise
+            pixels = window.astype(f32).transpose(2, 0, 1)
+            # the fork indexes the mean by output pixel, but by source pixel on raw datums
             if do_mirror and sample.encoded:
                 pixels = pixels[:, :, ::-1] - mean
             else:
@@ -745,16 +750,14 @@ class SSDTransformer:
                     pixels = pixels[:, :, ::-1]
         else:
             if do_mirror:
-                pixels = pixels[:, :, ::-1]
-            if len(self.mean_values):
-                pixels = pixels - self._means(channels, sample.key)[:, None, None]
-        if p.scale != 1:
-            pixels = pixels * f32(p.scale)
-        crop = np.array([f32(w_off) / f32(img_w), f32(h_off) / f32(img_h),
-                         f32(w_off + width) / f32(img_w), f32(h_off + height) / f32(img_h)], f32)
-        objects = self.transform_annotation(sample.objects, crop, do_mirror,
-                                            resize_from=(src_w, src_h), key=sample.key)
-        return np.ascontiguousarray(pixels, dtype=f32), objects
+                window = window[:, ::-1]
+            pixels = np.empty((channels, height, width), f32)
+            means = self._means(channels, sample.key) if len(self.mean_values) else np.zeros(channels, f32)
+            for c in range(channels):
+                np.subtract(window[:, :, c], means[c], out=pixels[c], dtype=f32)
+        if self.param.scale != 1:
+            pixels = pixels * f32(self.param.scale)
+        return np.ascontiguousarray(pixels, dtype=f32)
 
     def process(self, sample: Sample, rng: np.random.Generator) -> Tuple[np.ndarray, Objects]:
         """One record through load_batch: distort, expand, sample + crop, transform."""

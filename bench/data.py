@@ -1,0 +1,116 @@
+#!/usr/bin/env python3
+"""Images per second of ONE data worker (one process, OpenCV single-threaded):
+
+* decode only: parse the AnnotatedDatum and cv::imdecode its image;
+* the full SSD training transform of ssd_pascal.py (distort, expand, the seven batch samplers,
+  crop, random interpolation warp, mirror, mean) at 300x300 and at 500x500;
+* the SSD test transform (JPEG re-encode, LINEAR warp, mean) at 500x500.
+
+Reads the bundled sample set (generated into a temporary folder unless --db is given).
+Prints a table; the docs/performance.md "Data loading" section records the numbers.
+
+    python bench/data.py [--db path/to/trainval_lmdb] [--images 300]
+"""
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+from google.protobuf import text_format
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from deeper_ssd.data.annoset import AnnotatedDB, parse_record  # noqa: E402
+from deeper_ssd.data.sample import make_sample_set  # noqa: E402
+from deeper_ssd.data.transforms import SSDTransformer, decode_image, sample_from_datum  # noqa: E402
+from deeper_ssd.proto import caffe_pb2  # noqa: E402
+
+# the data layer of ssd_pascal.py's train net (reference §5.6), resize size substituted
+SSD_TRAIN_LAYER = """
+transform_param {
+  mirror: true  mean_value: 104  mean_value: 117  mean_value: 123
+  resize_param { prob: 1 resize_mode: WARP height: %(size)d width: %(size)d
+                 interp_mode: LINEAR interp_mode: AREA interp_mode: NEAREST interp_mode: CUBIC interp_mode: LANCZOS4 }
+  emit_constraint { emit_type: CENTER }
+  distort_param { brightness_prob: 0.5 brightness_delta: 32 contrast_prob: 0.5 contrast_lower: 0.5
+                  contrast_upper: 1.5 hue_prob: 0.5 hue_delta: 18 saturation_prob: 0.5
+                  saturation_lower: 0.5 saturation_upper: 1.5 random_order_prob: 0 }
+  expand_param { prob: 0.5 max_expand_ratio: 4 }
+}
+annotated_data_param {
+  batch_sampler { max_sample: 1 max_trials: 1 }
+  batch_sampler { sampler { min_scale: 0.3 max_scale: 1 min_aspect_ratio: 0.5 max_aspect_ratio: 2 }
+                  sample_constraint { min_jaccard_overlap: 0.1 } max_sample: 1 max_trials: 50 }
+  batch_sampler { sampler { min_scale: 0.3 max_scale: 1 min_aspect_ratio: 0.5 max_aspect_ratio: 2 }
+                  sample_constraint { min_jaccard_overlap: 0.3 } max_sample: 1 max_trials: 50 }
+  batch_sampler { sampler { min_scale: 0.3 max_scale: 1 min_aspect_ratio: 0.5 max_aspect_ratio: 2 }
+                  sample_constraint { min_jaccard_overlap: 0.5 } max_sample: 1 max_trials: 50 }
+  batch_sampler { sampler { min_scale: 0.3 max_scale: 1 min_aspect_ratio: 0.5 max_aspect_ratio: 2 }
+                  sample_constraint { min_jaccard_overlap: 0.7 } max_sample: 1 max_trials: 50 }
+  batch_sampler { sampler { min_scale: 0.3 max_scale: 1 min_aspect_ratio: 0.5 max_aspect_ratio: 2 }
+                  sample_constraint { min_jaccard_overlap: 0.9 } max_sample: 1 max_trials: 50 }
+  batch_sampler { sampler { min_scale: 0.3 max_scale: 1 min_aspect_ratio: 0.5 max_aspect_ratio: 2 }
+                  sample_constraint { max_jaccard_overlap: 1 } max_sample: 1 max_trials: 50 }
+}
+"""
+SSD_TEST_LAYER = """
+transform_param { mean_value: 104 mean_value: 117 mean_value: 123
+  resize_param { prob: 1 resize_mode: WARP height: %(size)d width: %(size)d interp_mode: LINEAR } }
+annotated_data_param { batch_sampler { } }
+"""
+
+
+def transformer(text: str, size: int, phase: int) -> SSDTransformer:
+    lp = text_format.Parse(text % {"size": size}, caffe_pb2.LayerParameter())
+    return SSDTransformer(lp.transform_param, phase, lp.annotated_data_param.batch_sampler)
+
+
+def rate(records, work, repeat: int) -> float:
+    """Images per second of ``work(record, rng)`` over ``records`` (best of ``repeat``)."""
+    best = 0.0
+    for r in range(repeat):
+        rng = np.random.default_rng(r)
+        start = time.perf_counter()
+        for record in records:
+            work(record, rng)
+        best = max(best, len(records) / (time.perf_counter() - start))
+    return best
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--db", help="annotated LMDB (default: a freshly generated sample set)")
+    parser.add_argument("--images", type=int, default=300, help="records to time")
+    parser.add_argument("--repeat", type=int, default=2)
+    args = parser.parse_args()
+    cv2.setNumThreads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        db_path = args.db
+        if db_path is None:
+            make_sample_set(Path(tmp) / "sample", seed=0, train=args.images, test=1)
+            db_path = str(Path(tmp) / "sample" / "trainval_lmdb")
+        db = AnnotatedDB(db_path)
+        keys = db.keys()[:args.images]
+        records = [sample_from_datum(parse_record(db.get(k), k.decode()), k.decode()) for k in keys]
+        values = [db.get(k) for k in keys]
+        first = decode_image(records[0].image)
+        print(f"{len(records)} records of {db_path} ({first.shape[1]}x{first.shape[0]} images), "
+              "one process, cv2.setNumThreads(1)\n")
+        rows = [("decode only (parse + imdecode)",
+                 rate(values, lambda v, rng: decode_image(parse_record(v, "?").datum.data), args.repeat))]
+        for size in (300, 500):
+            t = transformer(SSD_TRAIN_LAYER, size, caffe_pb2.TRAIN)
+            rows.append((f"SSD train transform, {size}x{size}", rate(records, t.process, args.repeat)))
+        t = transformer(SSD_TEST_LAYER, 500, caffe_pb2.TEST)
+        rows.append(("SSD test transform, 500x500", rate(records, t.process, args.repeat)))
+        print("| pipeline | images/s per worker |\n|---|---|")
+        for name, value in rows:
+            print(f"| {name} | {value:.0f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
