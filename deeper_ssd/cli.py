@@ -223,6 +223,134 @@ def cmd_make_sample(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# model zoo: generate prototxt, list models, compare with the paper's tables, draw nets
+
+def _setting_arg(text: str):
+    """``NAME=VALUE`` with VALUE a Python literal (``width=0.25``, ``batchnorm=False``)."""
+    import ast
+    name, sep, value = text.partition("=")
+    if not sep or not name.isidentifier():
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=VALUE")
+    try:
+        return name, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return name, value
+
+
+def _zoo_model(name: str, settings=()):
+    from .spec import zoo
+    try:
+        return zoo.get(name, **dict(settings))
+    except KeyError as err:
+        raise UsageError(err.args[0]) from None
+    except (TypeError, ValueError) as err:
+        raise UsageError(f"{name}: {err}") from None
+
+
+def _checked(model, build):
+    """``build(model)``; a model setting that cannot work becomes a one-line usage error (shape
+    errors keep their LayerError, which names the layer and its shapes)."""
+    try:
+        return build(model)
+    except LayerError:
+        raise
+    except ValueError as err:
+        raise UsageError(f"{model.name}: {err}") from None
+
+
+def _generate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("models", nargs="*", metavar="MODEL", help="zoo model names (see `deeper-ssd zoo`)")
+    p.add_argument("--all", action="store_true", help="every zoo model")
+    p.add_argument("--out", default="prototxt", help="output folder (default prototxt/); the "
+                   "solver refers to the nets as <out>/<model>/train.prototxt")
+    p.add_argument("--set", dest="settings", action="append", type=_setting_arg, default=[],
+                   metavar="NAME=VALUE", help="override a builder parameter or model field")
+
+
+@command("generate", "write prototxt/<model>/{train,test,deploy,solver}.prototxt for zoo models",
+         _generate_arguments)
+def cmd_generate(args) -> int:
+    from .spec import zoo
+    if args.all == bool(args.models):
+        raise UsageError("name models or give --all")
+    for name in zoo.names() if args.all else args.models:
+        paths = _checked(_zoo_model(name, args.settings), lambda m: zoo.write_model(m, args.out))
+        print(f"{name}: {paths[0].parent}/{{train,test,deploy,solver}}.prototxt")
+    return 0
+
+
+def _zoo_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("models", nargs="*", metavar="MODEL", help="only these (default: all)")
+    p.add_argument("--format", choices=("md", "json"), default="md")
+
+
+@command("zoo", "list the zoo: input size, prediction layers, priors, parameters, GFLOPs",
+         _zoo_arguments)
+def cmd_zoo(args) -> int:
+    import json
+    from .spec import zoo
+    summaries = [_checked(_zoo_model(name), lambda m: zoo.summarize(m.name, m))
+                 for name in (args.models or zoo.names())]
+    if args.format == "json":
+        print(json.dumps([dict(name=s.name, input_size=s.input_size, prediction_layers=s.prediction_layers,
+                               map_sizes=s.map_sizes, priors=s.priors, params=s.params, macs=s.macs,
+                               gflops=round(s.gflops, 3), description=s.description)
+                          for s in summaries], indent=1))
+        return 0
+    from .spec.paper import markdown_table
+    print(markdown_table(
+        ["model", "input", "pred. layers", "priors", "params (M)", "GFLOPs", "description"],
+        [[s.name, f"{s.input_size}x{s.input_size}", str(s.prediction_layers), str(s.priors),
+          f"{s.params / 1e6:.2f}", f"{s.gflops:.1f}", s.description] for s in summaries]))
+    print("\nGFLOPs = 2 x multiply-accumulates of one 1-image forward of the deploy net.")
+    return 0
+
+
+def _layer_sizes_arguments(p: argparse.ArgumentParser) -> None:
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--paper", choices=("table1", "table4", "table6"),
+                       help="a paper table beside the built nets, agreements marked")
+    group.add_argument("--model", help="per-layer sizes of a zoo model's deploy net")
+
+
+@command("layer-sizes", "the paper's Tables 1, 4, 6 beside the built nets (or a zoo model's sizes)",
+         _layer_sizes_arguments)
+def cmd_layer_sizes(args) -> int:
+    from . import shapes
+    from .spec import paper
+    if args.model:
+        net = _checked(_zoo_model(args.model), lambda m: m.nets()["deploy"])
+        print(shapes.format_table(shapes.infer_shapes(net, caffe_pb2.TEST)))
+    elif args.paper == "table1":
+        print(paper.format_table1(), end="")
+    else:
+        print(paper.format_module_table(args.paper), end="")
+    return 0
+
+
+def _draw_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("net", help="net prototxt, or a zoo model name (its deploy net)")
+    p.add_argument("out", help="output image: .png, .svg, .pdf (matplotlib) or .dot (Graphviz source)")
+    p.add_argument("--phase", type=_phase_arg, default=caffe_pb2.TEST, help="TRAIN or TEST (default TEST)")
+    p.add_argument("--rankdir", choices=("TB", "LR"), default="TB", help="top-bottom or left-right")
+
+
+@command("draw", "draw a net: layers, blobs and their shapes (like Caffe's draw_net)", _draw_arguments)
+def cmd_draw(args) -> int:
+    from pathlib import Path
+    from .spec import draw, zoo
+    if not Path(args.net).exists() and args.net in zoo.names():
+        net = _checked(_zoo_model(args.net), lambda m: m.nets()["deploy"])
+    else:
+        net = io.read_net(args.net)
+    try:
+        print(draw.draw(net, args.out, args.phase, args.rankdir))
+    except (OSError, ValueError) as err:
+        raise UsageError(f"{args.out}: {err}") from None
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deeper-ssd", description=__doc__.splitlines()[0])

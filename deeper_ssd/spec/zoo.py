@@ -1,0 +1,244 @@
+"""The model zoo: stable model names → :class:`~deeper_ssd.spec.ssd.SSDModel` builders.
+
+* ``ssd300_voc0712``, ``ssd512_voc0712`` — the SSD fork's PASCAL VOC0712 nets (21 classes),
+  equal to shared/reference/ssd300_official and ssd512_reconstructed (dataset paths aside);
+* the paper's models on the drone label map (2 classes, data/labelmap_drone.prototxt) with the
+  paper's solver: ``ssd300``, ``ssd500``, ``deeper_ssd500`` and every module configuration of
+  Tables 5, 7 and 8 (``deeper_ssd500_up<modules>_<concat|eltwise>``,
+  ``deeper_ssd500_down<modules>_<concat|eltwise>``, ``deeper_ssd500_up123_concat_down12_eltwise``);
+* ``deeper_ssd500_tiny`` — a width-reduced Deeper SSD500 with BatchNorm, small priors and a
+  short CPU solver for the bundled sample set; its settings are keyword parameters.
+
+``get(name, **overrides)`` builds one; keywords that the entry's builder takes go to it, the rest
+replace :class:`SSDModel` fields (``width``, ``batchnorm``, ``input_size``, ``prior_sizes`` …).
+:func:`write_model` writes ``<out>/<name>/{train,test,deploy,solver}.prototxt``.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+from .. import io, shapes
+from ..proto import caffe_pb2
+from .deeper import DEEPER_SSD500_EXTRAS, DEEPER_SSD500_SOURCES, down_module, up_module
+from .solver import PAPER_SOLVER, SSD_VOC0712_SOLVER, SolverSettings, build_solver
+from .ssd import (SSD300_EXTRAS, SSD512_EXTRAS, SSD_SOURCES, Dataset, Detection, SSDModel,
+                  TrainTransform)
+
+__all__ = ["VOC0712", "DRONE", "DRONE_SAMPLE", "names", "get", "description", "write_model",
+           "ModelSummary", "summarize", "PHASES"]
+
+PHASES = ("train", "test", "deploy")
+
+VOC0712 = Dataset(
+    "VOC0712", num_classes=21, label_map_file="data/labelmap_voc.prototxt",
+    train_source="examples/VOC0712/VOC0712_trainval_lmdb", test_source="examples/VOC0712/VOC0712_test_lmdb",
+    num_test_image=4952, name_size_file="data/VOC0712/test_name_size.txt",
+    result_directory="$HOME/data/VOCdevkit/results/VOC2007/SSD_{size}x{size}/Main")
+
+#: the paper's drone data set (not public; build the LMDBs and the name-size file with
+#: `deeper-ssd create-data`): validation set W has 5,001 images
+DRONE = Dataset(
+    "drone", num_classes=2, label_map_file="data/labelmap_drone.prototxt",
+    train_source="examples/drone/drone_trainval_lmdb", test_source="examples/drone/drone_test_lmdb",
+    num_test_image=5001, name_size_file="data/drone/test_name_size.txt")
+
+#: the bundled synthetic sample set, as `deeper-ssd make-sample` writes it (data/sample/README.md)
+DRONE_SAMPLE = Dataset(
+    "drone_sample", num_classes=2, label_map_file="data/labelmap_drone.prototxt",
+    train_source="data/sample/generated/trainval_lmdb", test_source="data/sample/generated/test_lmdb",
+    num_test_image=100, name_size_file="data/sample/generated/test_name_size.txt")
+
+#: §4.2: "the NMS threshold is 0.5" (the fork's default is 0.45)
+PAPER_DETECTION = Detection(nms_threshold=0.5)
+
+
+@dataclass(frozen=True)
+class _Entry:
+    description: str
+    build: Callable[..., SSDModel]
+
+
+_ZOO: Dict[str, _Entry] = {}
+
+
+def _register(name: str, description: str, build: Callable[..., SSDModel]) -> None:
+    if name in _ZOO:
+        raise ValueError(f"zoo model {name!r} registered twice")
+    _ZOO[name] = _Entry(description, build)
+
+
+def names() -> List[str]:
+    return list(_ZOO)
+
+
+def description(name: str) -> str:
+    return _entry(name).description
+
+
+def _entry(name: str) -> _Entry:
+    try:
+        return _ZOO[name]
+    except KeyError:
+        raise KeyError(f"unknown model {name!r}; the zoo has: {', '.join(_ZOO)}") from None
+
+
+def get(name: str, **overrides) -> SSDModel:
+    """Build zoo model ``name``; ``overrides`` go to its builder or replace SSDModel fields."""
+    entry = _entry(name)
+    params = inspect.signature(entry.build).parameters
+    model = entry.build(**{k: v for k, v in overrides.items() if k in params})
+    rest = {k: v for k, v in overrides.items() if k not in params}
+    allowed = {f.name for f in fields(SSDModel)}
+    unknown = sorted(set(rest) - allowed)
+    if unknown:
+        raise KeyError(f"{name}: unknown setting(s) {', '.join(unknown)}; builder parameters: "
+                       f"{', '.join(params) or 'none'}; model fields: {', '.join(sorted(allowed))}")
+    return model.replace(**rest) if rest else model
+
+
+# ---------------------------------------------------------------------------------------------
+# the SSD fork's VOC0712 models
+
+_register("ssd300_voc0712", "SSD300 on PASCAL VOC0712, as the SSD fork's ssd_pascal.py", lambda: SSDModel(
+    name="ssd300_voc0712", net_name="VGG_VOC0712_SSD_300x300", input_size=300, dataset=VOC0712,
+    solver=SSD_VOC0712_SOLVER))
+
+_register("ssd512_voc0712", "SSD512 on PASCAL VOC0712 (reconstructed ssd_pascal_512.py)", lambda: SSDModel(
+    name="ssd512_voc0712", net_name="VGG_VOC0712_SSD_512x512", input_size=512, dataset=VOC0712,
+    extras=SSD512_EXTRAS, sources=SSD_SOURCES + ("conv10_2",), min_ratio=15, first_ratios=(7, 15),
+    solver=SSD_VOC0712_SOLVER))
+
+
+# ---------------------------------------------------------------------------------------------
+# the paper's models (drone label map, paper solver, NMS 0.5)
+
+def _paper_model(name: str, input_size: int = 500, extras=DEEPER_SSD500_EXTRAS,
+                 sources=DEEPER_SSD500_SOURCES, modules: Tuple = ()) -> SSDModel:
+    return SSDModel(name=name, net_name=name, input_size=input_size, dataset=DRONE, extras=extras,
+                    sources=sources, modules=modules, detection=PAPER_DETECTION, solver=PAPER_SOLVER)
+
+
+_register("ssd300", "SSD300 on the drone label map (paper Tables 3, 8)",
+          lambda: _paper_model("ssd300", 300, SSD300_EXTRAS, SSD_SOURCES))
+_register("ssd500", "SSD500: the SSD300 structure at 500x500 (paper Tables 3, 8)",
+          lambda: _paper_model("ssd500", 500, SSD300_EXTRAS, SSD_SOURCES))
+_register("deeper_ssd500", "Deeper SSD500, 9 prediction layers (paper Table 1)",
+          lambda: _paper_model("deeper_ssd500"))
+
+
+def _module_name(kind: str, indices: Sequence[int], join: str) -> str:
+    return f"{kind}{''.join(str(i) for i in indices)}_{join}"
+
+
+#: Table 5 (up-sampling) and Table 7 (down-sampling): (modules, connection) as evaluated
+UP_CONFIGS = [((1,), "concat"), ((2,), "concat"), ((3,), "concat"), ((1, 2), "concat"),
+              ((1, 3), "concat"), ((2, 3), "concat"), ((1, 2, 3), "concat"),
+              ((1,), "eltwise"), ((2,), "eltwise"), ((3,), "eltwise")]
+DOWN_CONFIGS = [((1,), "concat"), ((2,), "concat"), ((1,), "eltwise"), ((2,), "eltwise"),
+                ((1, 2), "eltwise")]
+#: Table 8's last row: up-sampling (Concat, 1+2+3) and down-sampling (Eltwise, 1+2)
+COMBINED_CONFIG = (((1, 2, 3), "concat"), ((1, 2), "eltwise"))
+
+
+def _register_modules(ups: Tuple, downs: Tuple, table: str) -> None:
+    parts, modules, words = [], [], []
+    for kind, config, make, count in (("up", ups, up_module, 12), ("down", downs, down_module, 11)):
+        if config:
+            indices, join = config
+            parts.append(_module_name(kind, indices, join))
+            modules += [make(i, join) for i in indices]
+            words.append(f"{kind}-sampling module{'s' if len(indices) > 1 else ''} "
+                         f"{'+'.join(map(str, indices))} ({join})")
+    name = "deeper_ssd500_" + "_".join(parts)
+    _register(name, f"Deeper SSD500 + {' + '.join(words)}, {9 + len(modules)} prediction layers ({table})",
+              lambda: _paper_model(name, modules=tuple(modules)))
+
+
+for _config in UP_CONFIGS:
+    _register_modules(_config, (), "Table 5")
+for _config in DOWN_CONFIGS:
+    _register_modules((), _config, "Table 7")
+_register_modules(*COMBINED_CONFIG, "Table 8")
+
+
+# ---------------------------------------------------------------------------------------------
+# the CPU-sized model for the bundled sample set
+
+def deeper_ssd500_tiny(width: float = 1 / 8, batchnorm: bool = True, input_size: int = 500,
+                       prior_sizes: Tuple[Tuple[float, float], ...] = (
+                           (12, 24), (24, 40), (40, 64), (64, 96), (96, 140), (140, 200),
+                           (200, 280), (280, 370), (370, 460)),
+                       batch_size: int = 8, base_lr: float = 0.005, max_iter: int = 1000,
+                       stepvalues: Tuple[int, ...] = (700, 900), gamma: float = 0.1,
+                       momentum: float = 0.9, weight_decay: float = 0.0005,
+                       test_interval: int = 1000, dataset: Dataset = DRONE_SAMPLE) -> SSDModel:
+    """Deeper SSD500 at 1/8 width with BatchNorm + Scale after every feature convolution, a
+    12 px first prior (the sample set is 63 % small drones, ≤ 17 px at 500x500) and a 1000
+    iteration CPU solver. Every setting is a parameter (see docs/decisions.md)."""
+    solver = SolverSettings(base_lr=base_lr, stepvalues=tuple(stepvalues), max_iter=max_iter, gamma=gamma,
+                            momentum=momentum, weight_decay=weight_decay, snapshot=max_iter,
+                            test_interval=test_interval, solver_mode="CPU")
+    return SSDModel(name="deeper_ssd500_tiny", net_name="deeper_ssd500_tiny", input_size=input_size,
+                    dataset=dataset, extras=DEEPER_SSD500_EXTRAS, sources=DEEPER_SSD500_SOURCES,
+                    width=width, batchnorm=batchnorm, prior_sizes=tuple(prior_sizes),
+                    batch_size=batch_size, detection=PAPER_DETECTION, solver=solver)
+
+
+_register("deeper_ssd500_tiny", "Deeper SSD500 at 1/8 width with BatchNorm, small priors, "
+          "short CPU solver (sample set)", deeper_ssd500_tiny)
+
+
+# ---------------------------------------------------------------------------------------------
+# files and summaries
+
+def solver_for(model: SSDModel, out: str = "prototxt") -> caffe_pb2.SolverParameter:
+    """The model's solver; net paths are ``<out>/<name>/{train,test}.prototxt`` as given
+    (Caffe resolves them against the working directory), snapshots go to
+    ``snapshots/<name>/<name>_iter_N``."""
+    folder = f"{out.rstrip('/')}/{model.name}"
+    return build_solver(model.solver, f"{folder}/train.prototxt", f"{folder}/test.prototxt",
+                        model.dataset.num_test_image, model.test_batch_size,
+                        f"snapshots/{model.name}/{model.name}")
+
+
+def write_model(model: SSDModel, out: str = "prototxt") -> List[Path]:
+    """Write ``<out>/<name>/{train,test,deploy,solver}.prototxt``; returns the paths."""
+    folder = Path(out) / model.name
+    written = []
+    for phase, net in model.nets().items():
+        io.write_net(net, folder / f"{phase}.prototxt")
+        written.append(folder / f"{phase}.prototxt")
+    io.write_solver(solver_for(model, out), folder / "solver.prototxt")
+    written.append(folder / "solver.prototxt")
+    return written
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    """One line of ``deeper-ssd zoo``."""
+    name: str
+    input_size: int
+    prediction_layers: int
+    map_sizes: Tuple[int, ...]
+    priors: int
+    params: int
+    macs: int
+    description: str
+
+    @property
+    def gflops(self) -> float:
+        """2 floating-point operations per multiply-accumulate."""
+        return 2 * self.macs / 1e9
+
+
+def summarize(name: str, model: Optional[SSDModel] = None) -> ModelSummary:
+    """Prior count from the plan; parameters and multiply-accumulates of the deploy net."""
+    model = model or get(name)
+    plan = model.plan()
+    rows = shapes.infer_shapes(model.nets()["deploy"], caffe_pb2.TEST)
+    return ModelSummary(name, model.input_size, len(plan.layers), tuple(l.map_size for l in plan.layers),
+                        plan.num_priors, sum(r.params for r in rows), sum(r.macs for r in rows),
+                        description(name) if name in _ZOO else "")
