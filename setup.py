@@ -20,6 +20,7 @@ setup(
         "torch>=2.1",
         "opencv-python-headless>=4.5,<5",  # OpenCV 5 dropped the Caffe importer
         "lmdb>=1.0",
+        "matplotlib>=3.5",              # deeper-ssd draw (net drawings without graphviz)
     ],
     extras_require={
         "test": ["pytest>=7", "grpcio-tools==1.85.1"],   # grpcio-tools regenerates caffe_pb2.py
