@@ -106,8 +106,21 @@ class Net(torch.nn.Module):
                 last_read[self._slot[name]] = index
         keep = {self._slot[name] for name in plan.outputs}
         steps = []
+        readers_since_write: Dict[str, int] = {}
+        from_source = set()
         for index, step in enumerate(plan.layers):
             layer, lp = step.layer, step.layer.lp
+            # Caffe in-place (top == bottom): overwrite the tensor when no other layer has read
+            # it since it was produced (autograd may hold it) and it is not the caller's input
+            layer.overwrite_bottom = (layer.supports_in_place and list(lp.top) == list(lp.bottom)
+                                      and readers_since_write.get(lp.bottom[0]) == 0
+                                      and lp.bottom[0] not in from_source)
+            for name in step.bottoms:
+                readers_since_write[name] = readers_since_write.get(name, 0) + 1
+            for name in step.tops:
+                readers_since_write[name] = 0
+                if layer.is_source:
+                    from_source.add(name)
             if len(lp.propagate_down) not in (0, len(lp.bottom)):
                 raise LayerError(f"layer '{lp.name}': propagate_down needs 0 or {len(lp.bottom)} "
                                  f"entries, has {len(lp.propagate_down)}")

@@ -36,9 +36,21 @@ def sorted_detections(rows: np.ndarray) -> np.ndarray:
     return rows[np.lexsort((-rows[:, 2], rows[:, 1], rows[:, 0]))]
 
 
+def without_result_files(net_param):
+    """A copy without DetectionOutput's save_output_param (result files need the dataset's label
+    map and name-size files, which Caffe and we both require to exist; OpenCV ignores them)."""
+    copy = type(net_param)()
+    copy.CopyFrom(net_param)
+    for layer in copy.layer:
+        layer.detection_output_param.ClearField("save_output_param")
+    return copy
+
+
 def compare_with_opencv(deploy_path, tmp_path, seed=0, batch=1, rtol=1e-4):
     """Assert per-layer agreement; returns the number of layers compared."""
-    net_param = io.read_net(deploy_path)
+    net_param = without_result_files(io.read_net(deploy_path))
+    deploy_path = tmp_path / "deploy.prototxt"
+    io.write_net(net_param, deploy_path)
     net = Net(net_param, "TEST", seed=seed)
     # conf heads at a larger scale than xavier's make softmax scores decisive, so that the
     # detections do not hinge on near-ties at the top_k / keep_top_k cut-offs
@@ -53,8 +65,9 @@ def compare_with_opencv(deploy_path, tmp_path, seed=0, batch=1, rtol=1e-4):
     x = torch.from_numpy(np.random.default_rng(seed).uniform(-120, 130, shape).astype(np.float32))
 
     outputs = {}
-    hooks = [layer.register_forward_hook(lambda mod, inp, out: outputs.__setitem__(mod.name, out))
-             for layer in net.layers]
+    def keep(mod, inp, out):       # copies: a later in-place ReLU overwrites its bottom
+        outputs[mod.name] = tuple(t.clone() for t in out) if isinstance(out, tuple) else out.clone()
+    hooks = [layer.register_forward_hook(keep) for layer in net.layers]
     with torch.no_grad():
         net(**{data_name: x})
     for hook in hooks:

@@ -152,3 +152,30 @@ def test_net_runs_in_float64_and_gradients_flow():
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64, requires_grad=True)
     net(data=x)["out"].sum().backward()
     assert x.grad is not None and net.params["conv1"][0].grad is not None
+
+
+def test_in_place_relu_overwrites_only_when_safe():
+    n = NetSpec()
+    n.data = L.Input(shape=dict(dim=[1, 2, 4, 4]))
+    n.relu0 = L.ReLU(n.data, in_place=True)                  # the caller's tensor: never overwritten
+    n.a = L.Convolution(n.relu0, num_output=2, kernel_size=1)
+    n.relu_a = L.ReLU(n.a, in_place=True)                     # nothing read 'a' yet: overwrite
+    n.b = L.Convolution(n.relu_a, num_output=2, kernel_size=1)
+    n.side = L.Convolution(n.b, num_output=2, kernel_size=1)  # reads 'b' before its ReLU
+    n.relu_b = L.ReLU(n.b, in_place=True)                     # must not overwrite
+    n.out = L.Eltwise(n.relu_b, n.side)
+    net = Net(n.to_proto(), "TRAIN", seed=0)
+    flags = {layer.name: layer.overwrite_bottom for layer in net.layers if layer.caffe_type == "ReLU"}
+    assert flags == {"relu0": False, "relu_a": True, "relu_b": False}
+    x = torch.randn(1, 2, 4, 4, requires_grad=True)
+    before = x.detach().clone()
+    out = net(data=x)["out"]
+    out.sum().backward()                                      # no autograd version error
+    assert torch.equal(x.detach(), before)
+    # the same result as a net without any overwriting
+    for layer in net.layers:
+        layer.overwrite_bottom = False
+    x2 = x.detach().clone().requires_grad_(True)
+    out2 = net(data=x2)["out"]
+    out2.sum().backward()
+    assert torch.allclose(out, out2) and torch.allclose(x.grad, x2.grad)

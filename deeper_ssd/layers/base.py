@@ -64,6 +64,8 @@ class Layer(torch.nn.Module):
     is_loss: ClassVar[bool] = False
     #: data-producing layers (AnnotatedData, Input ...): their tops may be fed by the caller
     is_source: ClassVar[bool] = False
+    #: element-wise layers that can overwrite their bottom when the net says it is safe
+    supports_in_place: ClassVar[bool] = False
 
     def __init__(self, lp: caffe_pb2.LayerParameter, bottom_shapes: Sequence[Shape],
                  phase: int = caffe_pb2.TEST, device=None):
@@ -75,6 +77,9 @@ class Layer(torch.nn.Module):
         self.bottom_shapes: List[Shape] = [tuple(int(d) for d in s) for s in bottom_shapes]
         self.blobs = torch.nn.ParameterList()
         self.blob_fillers: List[Optional[caffe_pb2.FillerParameter]] = []
+        #: set by the Net: this Caffe in-place layer may overwrite its bottom tensor (nothing
+        #: else has read it since it was produced, and it is not a caller's input)
+        self.overwrite_bottom = False
         self._check_arity(len(self.bottom_shapes), len(lp.top))
         try:
             tops = self.setup(self.bottom_shapes)

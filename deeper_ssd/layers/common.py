@@ -33,6 +33,7 @@ class ReLU(_Identity):
     """``max(x, 0) + negative_slope * min(x, 0)``."""
 
     caffe_type = "ReLU"
+    supports_in_place = True
 
     def setup(self, bottoms):
         self.negative_slope = self.lp.relu_param.negative_slope
@@ -40,8 +41,8 @@ class ReLU(_Identity):
 
     def forward(self, x):
         if self.negative_slope == 0:
-            return F.relu(x)
-        return F.leaky_relu(x, self.negative_slope)
+            return F.relu(x, inplace=self.overwrite_bottom)
+        return F.leaky_relu(x, self.negative_slope, inplace=self.overwrite_bottom)
 
 
 @register
