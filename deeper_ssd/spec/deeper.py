@@ -20,12 +20,13 @@ from typing import Optional, Sequence, Tuple
 
 from .ssd import ExtraConv, FeatureNet, SSD300_EXTRAS, extra_pair
 
-__all__ = ["DEEPER_SSD500_EXTRAS", "DEEPER_SSD500_SOURCES", "Stage", "Module", "up_module",
+__all__ = ["DEEPER_SSD500_EXTRAS", "DEEPER_SSD500_SOURCES", "Stage", "conv", "deconv", "pool", "Module", "up_module",
            "down_module", "UP_MODULES", "DOWN_MODULES"]
 
 #: conv6 as SSD300 (3x3/2/1: 32 → 16), conv7_2 3x3/1/1 (16 → 16), conv8_2 … conv12_2 3x3/1/0
 DEEPER_SSD500_EXTRAS: Tuple[ExtraConv, ...] = (
-    *extra_pair(6), *extra_pair(7, 1, 1), *(layer for i in range(8, 13) for layer in extra_pair(i, 1, 0)))
+    *extra_pair(6), *extra_pair(7, 1, 1),
+    *(layer for i in range(8, 13) for layer in extra_pair(i, 1, 0)))
 DEEPER_SSD500_SOURCES = ("conv4_3", "fc7", "conv6_2", "conv7_2", "conv8_2", "conv9_2",
                          "conv10_2", "conv11_2", "conv12_2")
 assert SSD300_EXTRAS[:3] == DEEPER_SSD500_EXTRAS[:3]

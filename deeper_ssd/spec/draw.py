@@ -70,7 +70,8 @@ def net_graph(net: caffe_pb2.NetParameter, phase: int = caffe_pb2.TEST) -> Graph
                 graph.nodes[owner].label += f"\n+ {name} ({type_})"
                 continue
         key = f"layer:{name}"
-        graph.nodes[key] = Node(key, f"{name}\n{type_}" + (f" {geometry}" if geometry else ""), "layer", type_)
+        label = f"{name}\n{type_}" + (f" {geometry}" if geometry else "")
+        graph.nodes[key] = Node(key, label, "layer", type_)
         for bottom in bottoms:
             graph.edges.append((latest[bottom], key))
         for i, top in enumerate(tops):
@@ -108,7 +109,8 @@ def layout(graph: Graph, sweeps: int = 4) -> int:
     def place(nodes: List[Node], neighbours: Dict[str, List[str]]) -> None:
         desired = []
         for node in nodes:
-            xs = [graph.nodes[k].x for k in neighbours[node.key] if k not in hubs and node.key not in hubs]
+            xs = [] if node.key in hubs else [graph.nodes[k].x for k in neighbours[node.key]
+                                              if k not in hubs]
             desired.append(sum(xs) / len(xs) if xs else node.x)
         order = sorted(range(len(nodes)), key=lambda i: desired[i])
         xs, last = [], None
@@ -140,7 +142,8 @@ def to_dot(graph: Graph, rankdir: str = "TB") -> str:
         label = node.label.replace('"', r'\"').replace("\n", r"\n")
         if node.kind == "layer":
             colour = COLOURS.get(node.type, "#d9d9d9")
-            lines.append(f'  "{node.key}" [shape=record, style=filled, fillcolor="{colour}", label="{label}"];')
+            lines.append(f'  "{node.key}" [shape=record, style=filled, fillcolor="{colour}", '
+                         f'label="{label}"];')
         else:
             lines.append(f'  "{node.key}" [shape=octagon, label="{label}"];')
     lines += [f'  "{a}" -> "{b}";' for a, b in graph.edges]
@@ -165,7 +168,8 @@ def draw(net: caffe_pb2.NetParameter, out: str, phase: int = caffe_pb2.TEST, ran
     unit_x, unit_y = 2.4, 0.62                  # inches per layout unit across / along ranks
     if rankdir == "LR":
         size = (count * unit_x * 0.75, span * unit_y * 1.6)
-        pos = {k: (n.rank * unit_x * 0.75, -(n.x - min(xs)) * unit_y * 1.6) for k, n in graph.nodes.items()}
+        pos = {k: (n.rank * unit_x * 0.75, -(n.x - min(xs)) * unit_y * 1.6)
+               for k, n in graph.nodes.items()}
     else:
         size = (span * unit_x, count * unit_y)
         pos = {k: ((n.x - min(xs)) * unit_x, -n.rank * unit_y) for k, n in graph.nodes.items()}
@@ -179,7 +183,8 @@ def draw(net: caffe_pb2.NetParameter, out: str, phase: int = caffe_pb2.TEST, ran
     for key, node in graph.nodes.items():
         x, y = pos[key]
         if node.kind == "layer":
-            box = dict(boxstyle="round,pad=0.3", fc=COLOURS.get(node.type, "#d9d9d9"), ec="#333333", lw=0.6)
+            box = dict(boxstyle="round,pad=0.3", fc=COLOURS.get(node.type, "#d9d9d9"),
+                       ec="#333333", lw=0.6)
             ax.text(x, y, node.label, ha="center", va="center", fontsize=6.5, bbox=box, zorder=3)
         else:
             ax.text(x, y, node.label, ha="center", va="center", fontsize=5.5, color="#222222",

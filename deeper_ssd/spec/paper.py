@@ -13,7 +13,8 @@ from .. import shapes
 from ..proto import caffe_pb2
 from . import zoo
 
-__all__ = ["TABLE1", "MODULE_TABLES", "markdown_table", "table1", "module_table", "format_table1", "format_module_table"]
+__all__ = ["TABLE1", "MODULE_TABLES", "markdown_table", "table1", "module_table", "format_table1",
+           "format_module_table"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,7 +148,8 @@ def format_table1(rows: Optional[List[Table1Row]] = None) -> str:
     for row in rows:
         cells = [row.layer]
         for model, *_ in _BUILT:
-            mine = [row.cells[(model, col)] for col in ("outputs", "k/s/p", "size") if (model, col) in row.cells]
+            mine = [row.cells[(model, col)] for col in ("outputs", "k/s/p", "size")
+                    if (model, col) in row.cells]
             if not mine:
                 cells += ["–", "–", ""]
                 continue
@@ -156,7 +158,8 @@ def format_table1(rows: Optional[List[Table1Row]] = None) -> str:
                 notes.append(note)
                 ids.append(str(len(notes)))
             mark = "agree" if all(c.agrees for c in mine) else "DISAGREE"
-            cells += [" ".join(c.paper for c in mine if c.paper), " ".join(c.built for c in mine if c.built),
+            cells += [" ".join(c.paper for c in mine if c.paper),
+                      " ".join(c.built for c in mine if c.built),
                       mark + (f" [{', '.join(ids)}]" if ids else "")]
         body.append(cells)
     disagreements = sum(1 for row in rows for c in row.cells.values() if not c.agrees)
@@ -258,10 +261,12 @@ def module_table(table: str) -> Tuple[str, str, List[Tuple[str, str, List[Module
             n, c, h, w = row.shapes[0]
             kernel = int(row.geometry.split("x")[0]) if row.geometry else None
             stride = int(row.geometry.split("/")[1]) if row.geometry else None
+            checks = ((op.num_output, c if row.type != "Pooling" else None), (op.kernel, kernel),
+                      (op.stride, stride))
             agrees = op.printed != "(not in the paper)" and all(
-                want is None or want == have for want, have in
-                ((op.num_output, c if row.type != "Pooling" else None), (op.kernel, kernel), (op.stride, stride)))
-            rows.append(ModuleRow(op.printed, name, row.type, row.geometry, f"{c}x{h}x{w}", agrees, op.note))
+                want is None or want == have for want, have in checks)
+            rows.append(ModuleRow(op.printed, name, row.type, row.geometry, f"{c}x{h}x{w}", agrees,
+                                  op.note))
         out.append((module, caption, rows))
     return model, title, out
 
@@ -273,5 +278,6 @@ def format_module_table(table: str) -> str:
         text += [f"{module}: {caption}", ""]
         body = [[r.printed, r.layer, r.type, r.geometry, r.output, "agree" if r.agrees else "DISAGREE",
                  r.note] for r in rows]
-        text += [markdown_table(["paper", "built layer", "type", "k/s/p", "output", "", "note"], body), ""]
+        header = ["paper", "built layer", "type", "k/s/p", "output", "", "note"]
+        text += [markdown_table(header, body), ""]
     return "\n".join(text).rstrip() + "\n"

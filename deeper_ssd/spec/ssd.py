@@ -26,10 +26,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from .. import shapes
 from ..proto import caffe_pb2
 from .netspec import TEST, TRAIN, L, NetSpec, P, Top
+from .solver import SolverSettings
 
 __all__ = [
     "FeatureNet", "ExtraConv", "SSD300_EXTRAS", "SSD512_EXTRAS", "SSD_SOURCES", "vgg16_reduced",
-    "extra_pair", "add_extra_layers", "PriorSpec", "ratio_rule_sizes", "default_aspect_ratios", "default_step",
+    "extra_pair", "add_extra_layers", "PriorSpec", "ratio_rule_sizes", "default_aspect_ratios",
+    "default_step",
     "priors_per_cell", "multibox_head", "Dataset", "TrainTransform", "Detection", "SSDModel",
     "SSDPlan", "PredictionLayer",
 ]
@@ -94,7 +96,8 @@ class FeatureNet:
             kwargs.update(param=[dict(lr_mult=lr_mult, decay_mult=1)], bias_term=False,
                           weight_filler=dict(type="gaussian", std=0.01))
         else:
-            kwargs.update(param=[dict(lr_mult=lr_mult, decay_mult=1), dict(lr_mult=2 * lr_mult, decay_mult=0)],
+            kwargs.update(param=[dict(lr_mult=lr_mult, decay_mult=1),
+                                 dict(lr_mult=2 * lr_mult, decay_mult=0)],
                           weight_filler=XAVIER, bias_filler=ZERO)
         layer = L.Deconvolution if deconv else L.Convolution
         s = Fraction(stride or 1)
@@ -115,7 +118,8 @@ class FeatureNet:
     def relu(self, layer_name: str, blob: str) -> None:
         self.in_place(layer_name, blob, L.ReLU(self.top(blob), in_place=True))
 
-    def pool(self, name: str, bottom: str, kernel_size: int, stride: int, pad: Optional[int] = None) -> str:
+    def pool(self, name: str, bottom: str, kernel_size: int, stride: int,
+             pad: Optional[int] = None) -> str:
         """MAX pooling (Caffe rounds up)."""
         kwargs = dict(pool=P.Pooling.MAX, kernel_size=kernel_size, stride=stride)
         if pad is not None:
@@ -176,15 +180,18 @@ class ExtraConv:
     stride: int
 
 
-def extra_pair(index: int, inner_stride: int = 2, inner_pad: int = 1, kernel: int = 3) -> Tuple[ExtraConv, ExtraConv]:
+def extra_pair(index: int, inner_stride: int = 2, inner_pad: int = 1,
+               kernel: int = 3) -> Tuple[ExtraConv, ExtraConv]:
     """conv<i>_1 (1x1, 128 or 256) and conv<i>_2 (k x k, 256 or 512), as ssd_pascal.py."""
     wide = index == 6
     return (ExtraConv(f"conv{index}_1", 256 if wide else 128, 1, 0, 1),
             ExtraConv(f"conv{index}_2", 512 if wide else 256, kernel, inner_pad, inner_stride))
 
 
-SSD300_EXTRAS: Tuple[ExtraConv, ...] = (*extra_pair(6), *extra_pair(7), *extra_pair(8, 1, 0), *extra_pair(9, 1, 0))
-SSD512_EXTRAS: Tuple[ExtraConv, ...] = (*extra_pair(6), *extra_pair(7), *extra_pair(8), *extra_pair(9), *extra_pair(10, 1, 1, kernel=4))
+SSD300_EXTRAS: Tuple[ExtraConv, ...] = (*extra_pair(6), *extra_pair(7), *extra_pair(8, 1, 0),
+                                        *extra_pair(9, 1, 0))
+SSD512_EXTRAS: Tuple[ExtraConv, ...] = (*extra_pair(6), *extra_pair(7), *extra_pair(8), *extra_pair(9),
+                                        *extra_pair(10, 1, 1, kernel=4))
 SSD_SOURCES = ("conv4_3", "fc7", "conv6_2", "conv7_2", "conv8_2", "conv9_2")
 
 
@@ -348,8 +355,8 @@ def _batch_samplers(t: TrainTransform) -> list:
 
 
 def _transform_param(size: int, train: bool, t: TrainTransform) -> dict:
-    resize = dict(prob=1, resize_mode="WARP", height=size, width=size,
-                  interp_mode=["LINEAR", "AREA", "NEAREST", "CUBIC", "LANCZOS4"] if train else ["LINEAR"])
+    modes = ["LINEAR", "AREA", "NEAREST", "CUBIC", "LANCZOS4"] if train else ["LINEAR"]
+    resize = dict(prob=1, resize_mode="WARP", height=size, width=size, interp_mode=modes)
     param = dict(mean_value=list(t.mean_value), resize_param=resize)
     if not train:
         return param
@@ -425,7 +432,7 @@ class SSDModel:
     test_batch_size: int = 8
     transform: TrainTransform = TrainTransform()
     detection: Detection = Detection()
-    solver: object = None   # deeper_ssd.spec.solver.SolverSettings
+    solver: Optional[SolverSettings] = None
 
     def replace(self, **changes) -> "SSDModel":
         return dataclasses.replace(self, **changes)
@@ -520,11 +527,12 @@ class SSDModel:
                       confidence_threshold=det.confidence_threshold)
         if data.result_directory:
             output["save_output_param"] = dict(
-                output_directory=data.result_directory.format(size=size), output_name_prefix="comp4_det_test_",
+                output_directory=data.result_directory.format(size=size),
+                output_name_prefix="comp4_det_test_",
                 output_format="VOC", label_map_file=data.label_map_file,
                 name_size_file=data.name_size_file or "", num_test_image=data.num_test_image)
-        n.detection_out = L.DetectionOutput(mbox[0], n.mbox_conf_flatten, mbox[2], include=dict(phase=TEST),
-                                            detection_output_param=output)
+        n.detection_out = L.DetectionOutput(mbox[0], n.mbox_conf_flatten, mbox[2],
+                                            include=dict(phase=TEST), detection_output_param=output)
         evaluate = dict(num_classes=data.num_classes, background_label_id=0,
                         overlap_threshold=det.overlap_threshold, evaluate_difficult_gt=False)
         if data.name_size_file:
@@ -534,6 +542,10 @@ class SSDModel:
         return n.to_proto(f"{self.net_name}_test")
 
     def nets(self) -> Dict[str, caffe_pb2.NetParameter]:
-        """``{"train", "test", "deploy"}`` NetParameters (shape-checked through :meth:`plan`)."""
+        """``{"train", "test", "deploy"}`` NetParameters. The features are shape-checked by
+        :meth:`plan`, the whole deploy net (heads, priors, detection) once more here; the
+        train and test nets differ from it only in their data, loss and evaluation layers."""
         plan = self.plan()
-        return {phase: self._net(phase, plan) for phase in ("train", "test", "deploy")}
+        nets = {phase: self._net(phase, plan) for phase in ("train", "test", "deploy")}
+        shapes.plan_net(nets["deploy"], caffe_pb2.TEST, device="meta")
+        return nets

@@ -34,7 +34,8 @@ PHASES = ("train", "test", "deploy")
 
 VOC0712 = Dataset(
     "VOC0712", num_classes=21, label_map_file="data/labelmap_voc.prototxt",
-    train_source="examples/VOC0712/VOC0712_trainval_lmdb", test_source="examples/VOC0712/VOC0712_test_lmdb",
+    train_source="examples/VOC0712/VOC0712_trainval_lmdb",
+    test_source="examples/VOC0712/VOC0712_test_lmdb",
     num_test_image=4952, name_size_file="data/VOC0712/test_name_size.txt",
     result_directory="$HOME/data/VOCdevkit/results/VOC2007/SSD_{size}x{size}/Main")
 
@@ -153,8 +154,8 @@ def _register_modules(ups: Tuple, downs: Tuple, table: str) -> None:
             words.append(f"{kind}-sampling module{'s' if len(indices) > 1 else ''} "
                          f"{'+'.join(map(str, indices))} ({join})")
     name = "deeper_ssd500_" + "_".join(parts)
-    _register(name, f"Deeper SSD500 + {' + '.join(words)}, {9 + len(modules)} prediction layers ({table})",
-              lambda: _paper_model(name, modules=tuple(modules)))
+    text = f"Deeper SSD500 + {' + '.join(words)}, {9 + len(modules)} prediction layers ({table})"
+    _register(name, text, lambda: _paper_model(name, modules=tuple(modules)))
 
 
 for _config in UP_CONFIGS:
@@ -178,9 +179,9 @@ def deeper_ssd500_tiny(width: float = 1 / 8, batchnorm: bool = True, input_size:
     """Deeper SSD500 at 1/8 width with BatchNorm + Scale after every feature convolution, a
     12 px first prior (the sample set is 63 % small drones, ≤ 17 px at 500x500) and a 1000
     iteration CPU solver. Every setting is a parameter (see docs/decisions.md)."""
-    solver = SolverSettings(base_lr=base_lr, stepvalues=tuple(stepvalues), max_iter=max_iter, gamma=gamma,
-                            momentum=momentum, weight_decay=weight_decay, snapshot=max_iter,
-                            test_interval=test_interval, solver_mode="CPU")
+    solver = SolverSettings(base_lr=base_lr, stepvalues=tuple(stepvalues), max_iter=max_iter,
+                            gamma=gamma, momentum=momentum, weight_decay=weight_decay,
+                            snapshot=max_iter, test_interval=test_interval, solver_mode="CPU")
     return SSDModel(name="deeper_ssd500_tiny", net_name="deeper_ssd500_tiny", input_size=input_size,
                     dataset=dataset, extras=DEEPER_SSD500_EXTRAS, sources=DEEPER_SSD500_SOURCES,
                     width=width, batchnorm=batchnorm, prior_sizes=tuple(prior_sizes),
