@@ -20,8 +20,8 @@ from typing import Optional, Sequence, Tuple
 
 from .ssd import ExtraConv, FeatureNet, SSD300_EXTRAS, extra_pair
 
-__all__ = ["DEEPER_SSD500_EXTRAS", "DEEPER_SSD500_SOURCES", "Stage", "conv", "deconv", "pool", "Module", "up_module",
-           "down_module", "UP_MODULES", "DOWN_MODULES"]
+__all__ = ["DEEPER_SSD500_EXTRAS", "DEEPER_SSD500_SOURCES", "Stage", "conv", "deconv", "pool",
+           "Module", "up_module", "down_module"]
 
 #: conv6 as SSD300 (3x3/2/1: 32 → 16), conv7_2 3x3/1/1 (16 → 16), conv8_2 … conv12_2 3x3/1/0
 DEEPER_SSD500_EXTRAS: Tuple[ExtraConv, ...] = (
@@ -161,6 +161,3 @@ def down_module(index: int, join: str = "eltwise") -> Module:
     return Module(f"down{index}", low, high, low_branch, (deconv(256, 1, 2, relu=True),), join,
                   crop_offset=offset, normalization=20)
 
-
-UP_MODULES = (1, 2, 3)
-DOWN_MODULES = (1, 2)

@@ -24,8 +24,7 @@ from .. import io, shapes
 from ..proto import caffe_pb2
 from .deeper import DEEPER_SSD500_EXTRAS, DEEPER_SSD500_SOURCES, down_module, up_module
 from .solver import PAPER_SOLVER, SSD_VOC0712_SOLVER, SolverSettings, build_solver
-from .ssd import (SSD300_EXTRAS, SSD512_EXTRAS, SSD_SOURCES, Dataset, Detection, SSDModel,
-                  TrainTransform)
+from .ssd import SSD300_EXTRAS, SSD512_EXTRAS, SSD_SOURCES, Dataset, Detection, SSDModel
 
 __all__ = ["VOC0712", "DRONE", "DRONE_SAMPLE", "names", "get", "description", "write_model",
            "ModelSummary", "summarize", "PHASES"]
