@@ -12,7 +12,7 @@ from .base import Layer, LayerError
 
 __all__ = ["register", "get", "supported_types", "UnknownLayerType"]
 
-_MODULES = ("vision", "common", "data", "ssd")
+_MODULES = ("vision", "common", "data", "ssd", "srtod", "zoomin")
 _REGISTRY: Dict[str, Type[Layer]] = {}
 _loaded = False
 

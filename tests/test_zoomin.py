@@ -1,0 +1,225 @@
+"""ZoomInNet layers (Upsample, AKDPMask, PositionAwareL2Loss): index conventions, hand-computed
+masks and losses, gradients only into the student."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from deeper_ssd import io
+from deeper_ssd.layers import LayerError
+from deeper_ssd.net import Net
+from deeper_ssd.proto import caffe_pb2
+from layer_harness import build, run_ours
+
+UP = 'name: "up" type: "Upsample" bottom: "x" top: "y"'
+
+
+# ---------------------------------------------------------------------------------------------
+# Upsample
+
+def test_upsample_integer_scale_copies_each_cell_into_its_block():
+    x = np.arange(6.0).reshape(1, 1, 2, 3)
+    y = run_ours(UP, [x])["tops"][0]
+    assert y.shape == (1, 1, 4, 6)
+    for i in range(4):
+        for j in range(6):
+            assert y[0, 0, i, j] == x[0, 0, i // 2, j // 2]
+    y3 = run_ours(UP + " upsample_param { scale: 3 }", [x])["tops"][0]
+    np.testing.assert_array_equal(y3[0, 0], np.kron(x[0, 0], np.ones((3, 3))))
+
+
+def test_upsample_explicit_size_uses_floor_of_i_times_in_over_out():
+    """Non-integer factors: y[i, j] = x[floor(i*h/H), floor(j*w/W)], PyTorch's legacy nearest."""
+    x = np.arange(6.0).reshape(1, 1, 2, 3)
+    y = run_ours(UP + " upsample_param { out_height: 5 out_width: 4 }", [x])["tops"][0]
+    rows, cols = [i * 2 // 5 for i in range(5)], [j * 3 // 4 for j in range(4)]
+    assert rows == [0, 0, 0, 1, 1] and cols == [0, 0, 1, 2]
+    np.testing.assert_array_equal(y[0, 0], x[0, 0][np.ix_(rows, cols)])
+    ref = F.interpolate(torch.tensor(x), size=(5, 4), mode="nearest").numpy()
+    np.testing.assert_array_equal(y, ref)
+
+
+def test_upsample_backward_sums_each_block():
+    x = np.random.default_rng(0).normal(size=(2, 3, 3, 2))
+    g = np.random.default_rng(1).normal(size=(2, 3, 6, 4))
+    out = run_ours(UP, [x], top_grads=[g])
+    expected = g.reshape(2, 3, 3, 2, 2, 2).sum((3, 5))
+    np.testing.assert_allclose(out["bottom_grads"][0], expected, rtol=1e-12)
+
+
+def test_upsample_shapes_and_errors():
+    assert build(UP, [(2, 8, 63, 63)]).top_shapes == [(2, 8, 126, 126)]
+    assert build(UP + " upsample_param { out_height: 125 out_width: 125 }",
+                 [(2, 8, 63, 63)]).top_shapes == [(2, 8, 125, 125)]
+    with pytest.raises(LayerError, match="both out_height and out_width"):
+        build(UP + " upsample_param { out_height: 5 }", [(1, 1, 2, 2)])
+    with pytest.raises(LayerError, match="scale must be >= 1"):
+        build(UP + " upsample_param { scale: 0 }", [(1, 1, 2, 2)])
+    with pytest.raises(LayerError, match="N x C x h x w"):
+        build(UP, [(1, 4)])
+
+
+# ---------------------------------------------------------------------------------------------
+# AKDPMask
+
+QUADRANTS = [[0, 0, .5, .5], [.5, 0, 1, .5], [0, .5, .5, 1], [.5, .5, 1, 1]]   # cells of a 2x2 map
+
+
+def _prior_blob(boxes):
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1)
+    return np.stack([boxes, np.full_like(boxes, 0.1)])[None]                  # 1 x 2 x 4K
+
+
+def _labels(rows):
+    """rows (item, xmin, ymin, xmax, ymax[, difficult]) -> 1 x 1 x G x 8, label 1."""
+    full = [[r[0], 1, i, *r[1:5], r[5] if len(r) > 5 else 0] for i, r in enumerate(rows)]
+    return np.asarray(full, dtype=np.float64).reshape(1, 1, -1, 8)
+
+
+def _akdp(params="", levels=1):
+    bottoms = "".join(f' bottom: "f{l}" bottom: "p{l}"' for l in range(levels))
+    tops = "".join(f' top: "m{l}"' for l in range(levels))
+    return f'name: "akdp" type: "AKDPMask"{bottoms} bottom: "label"{tops} akdp_mask_param {{ {params} }}'
+
+
+def test_akdp_hand_computed_threshold_mean_plus_sample_std():
+    # object [0, 0, .5, .75]: IoU 2/3 with cell (0,0), 1/4 with cell (1,0), 0 with the others
+    iou = np.array([2 / 3, 0, 1 / 4, 0])
+    mean = iou.mean()                                   # 0.2291667
+    std = np.sqrt(((iou - mean) ** 2).sum() / 3)        # sample std: 0.3145764
+    threshold = (mean + std) * (2 / 3)                  # 0.3625 -> only cell (0,0)
+    assert 1 / 4 < threshold < 2 / 3
+    feat = np.zeros((1, 5, 2, 2))
+    mask = run_ours(_akdp(), [feat, _prior_blob(QUADRANTS), _labels([(0, 0, 0, .5, .75)])])["tops"][0]
+    np.testing.assert_array_equal(mask, [[[[1, 0], [0, 0]]]])
+    # a fixed factor of 0.3 (threshold 0.2) also takes cell (1,0)
+    mask = run_ours(_akdp("threshold_mode: FIXED fixed_factor: 0.3"),
+                    [feat, _prior_blob(QUADRANTS), _labels([(0, 0, 0, .5, .75)])])["tops"][0]
+    np.testing.assert_array_equal(mask, [[[[1, 0], [1, 0]]]])
+
+
+def test_akdp_sample_and_population_std_differ_where_the_threshold_is_close():
+    """8 priors (2x2 map, 2 per cell) with IoUs [1, 0, .56, 0, ...] against one object: the
+    population lambda (.5502) keeps prior 2 (cell (0,1)), the sample lambda (.5747) does not."""
+    x = 0.56
+    side = np.sqrt(x * 0.25)                                           # a box inside the object
+    far = [.6, .6, 1, 1]
+    priors = [[0, 0, .5, .5], far, [0, 0, side, side]] + [far] * 5
+    iou = np.array([1, 0, x, 0, 0, 0, 0, 0])
+    assert iou.mean() + iou.std() < x < iou.mean() + iou.std(ddof=1)
+    args = [np.zeros((1, 1, 2, 2)), _prior_blob(priors), _labels([(0, 0, 0, .5, .5)])]
+    np.testing.assert_array_equal(run_ours(_akdp(), args)["tops"][0].ravel(), [1, 0, 0, 0])
+    np.testing.assert_array_equal(run_ours(_akdp("std_mode: POPULATION"), args)["tops"][0].ravel(),
+                                  [1, 1, 0, 0])
+
+
+def test_akdp_prior_layout_batch_difficult_and_counts():
+    """Two priors per cell (prior (i*w + j)*P + p: the quadrant, then its top-left quarter);
+    image 1 has no object (the item-2 row is outside the batch); the difficult object counts
+    only with use_difficult_gt; binarize: false counts (prior, object) pairs."""
+    priors = []
+    for cell in QUADRANTS:
+        priors += [cell, [cell[0], cell[1], (cell[0] + cell[2]) / 2, (cell[1] + cell[3]) / 2]]
+    rows = [(0, .5, .5, 1, 1), (0, .5, .5, .75, .75), (2, 0, 0, .5, .5), (0, 0, 0, .5, .5, 1)]
+    feat = np.zeros((2, 3, 2, 2))
+    labels = _labels(rows)
+    # with the difficult object: 24 IoUs, three 1s and three .25s: lambda = .15625 + .3363 < 1
+    # and > .25, so each object keys only its IoU-1 prior: priors 6, 7 (cell (1,1)) and 0
+    keep = run_ours(_akdp(), [feat, _prior_blob(priors), labels])["tops"][0]
+    np.testing.assert_array_equal(keep[0, 0], [[1, 0], [0, 1]])
+    np.testing.assert_array_equal(keep[1, 0], [[0, 0], [0, 0]])
+    drop = run_ours(_akdp("use_difficult_gt: false"), [feat, _prior_blob(priors), labels])["tops"][0]
+    np.testing.assert_array_equal(drop[0, 0], [[0, 0], [0, 1]])
+    counts = run_ours(_akdp("use_difficult_gt: false binarize: false"),
+                      [feat, _prior_blob(priors), labels])["tops"][0]
+    np.testing.assert_array_equal(counts[0, 0], [[0, 0], [0, 2]])     # (6, obj 0) and (7, obj 1)
+
+
+def test_akdp_scope_all_levels_shares_statistics_and_best_iou():
+    """Object [0, 0, .4, .4]: IoU .64 with the fine level's cell (0,0), .25 with the single
+    coarse prior. Per level both are key; over both levels lambda = .458, the threshold
+    .458 * .64 = .293 drops the coarse prior."""
+    label = _labels([(0, 0, 0, .4, .4)])
+    args = [np.zeros((1, 1, 2, 2)), _prior_blob(QUADRANTS), np.zeros((1, 1, 1, 1)),
+            _prior_blob([[0, 0, .8, .8]]), label]
+    per_level = run_ours(_akdp(levels=2), args)["tops"]
+    np.testing.assert_array_equal(per_level[0].ravel(), [1, 0, 0, 0])
+    np.testing.assert_array_equal(per_level[1].ravel(), [1])
+    iou = np.array([.64, 0, 0, 0, .25])
+    assert (iou.mean() + iou.std(ddof=1)) * .64 > .25
+    joint = run_ours(_akdp("scope: ALL_LEVELS", levels=2), args)["tops"]
+    np.testing.assert_array_equal(joint[0].ravel(), [1, 0, 0, 0])
+    np.testing.assert_array_equal(joint[1].ravel(), [0])
+
+
+def test_akdp_uses_the_priorbox_layout_of_a_real_layer():
+    """PriorBox top -> AKDPMask: an object on cell (2, 1) of a 4x4 map marks that cell."""
+    text = ('layer { name: "in" type: "Input" top: "f" top: "img" top: "label" input_param { '
+            'shape { dim: 1 dim: 2 dim: 4 dim: 4 } shape { dim: 1 dim: 3 dim: 32 dim: 32 } '
+            'shape { dim: 1 dim: 1 dim: 1 dim: 8 } } }\n'
+            'layer { name: "pb" type: "PriorBox" bottom: "f" bottom: "img" top: "pb" '
+            'prior_box_param { min_size: 8 aspect_ratio: 2 flip: true } }\n'
+            'layer { name: "akdp" type: "AKDPMask" bottom: "f" bottom: "pb" bottom: "label" top: "mask" }')
+    net = Net(io.parse_text(text, caffe_pb2.NetParameter()), "TEST")
+    label = torch.tensor([[[[0, 1, 0, 8 / 32, 16 / 32, 16 / 32, 24 / 32, 0]]]])
+    out = net(f=torch.zeros(1, 2, 4, 4), img=torch.zeros(1, 3, 32, 32), label=label)
+    mask = out["mask"][0, 0]
+    assert mask[2, 1] == 1 and mask.sum() == 1
+
+
+def test_akdp_shape_rules():
+    ok = build(_akdp(levels=2), [(4, 8, 3, 3), (1, 2, 4 * 9 * 6), (4, 8, 2, 2), (1, 2, 4 * 4 * 4), (1, 1, -1, 8)])
+    assert ok.top_shapes == [(4, 1, 3, 3), (4, 1, 2, 2)] and ok.cell_priors == [6, 4]
+    with pytest.raises(LayerError, match="do not tile"):
+        build(_akdp(), [(4, 8, 3, 3), (1, 2, 4 * 10), (1, 1, -1, 8)])
+    with pytest.raises(LayerError, match="1x1xGx8"):
+        build(_akdp(), [(4, 8, 3, 3), (1, 2, 4 * 9), (1, 1, 3, 7)])
+    with pytest.raises(LayerError, match="one top per level"):
+        build(_akdp(levels=2).replace(' top: "m1"', ""), [(4, 8, 3, 3), (1, 2, 36)] * 2 + [(1, 1, 2, 8)])
+
+
+# ---------------------------------------------------------------------------------------------
+# PositionAwareL2Loss
+
+LOSS = 'name: "distill" type: "PositionAwareL2Loss" bottom: "s" bottom: "t" bottom: "m" top: "loss"'
+
+
+def test_position_aware_l2_hand_computed():
+    s = np.zeros((2, 2, 1, 2))
+    t = np.array([[[[1, 2]], [[3, 4]]], [[[0, 1]], [[1, 0]]]], dtype=float)
+    m = np.array([[[[1, 0]]], [[[1, 1]]]], dtype=float)
+    # per cell, channel sum: image 0: [1+9, 4+16] = [10, 20]; image 1: [0+1, 1+0] = [1, 1]
+    assert run_ours(LOSS, [s, t, m])["tops"][0] == pytest.approx((10 + 1 + 1) / 3)
+    mean = run_ours(LOSS + " position_aware_l2_loss_param { channel_reduce: MEAN }", [s, t, m])["tops"][0]
+    assert mean == pytest.approx((5 + .5 + .5) / 3)
+    per_image = run_ours(LOSS + " position_aware_l2_loss_param { normalization: PER_IMAGE }", [s, t, m])
+    assert per_image["tops"][0] == pytest.approx((10 / 1 + 2 / 2) / 2)
+    none = run_ours(LOSS + " position_aware_l2_loss_param { normalization: NONE }", [s, t, m])
+    assert none["tops"][0] == pytest.approx(12)
+    empty = run_ours(LOSS, [s, t, np.zeros_like(m)])["tops"][0]
+    assert empty == 0
+
+
+def test_position_aware_l2_gradient_reaches_only_the_student():
+    layer = build(LOSS, [(2, 3, 4, 5), (2, 3, 4, 5), (2, 1, 4, 5)]).double()
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(2, 3, 4, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(2, 3, 4, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    m = (torch.rand(2, 1, 4, 5, generator=g) > 0.5).double().requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: layer(x, t, m), (s,))
+    loss = layer(s, t, m)
+    loss.backward()
+    assert t.grad is None and m.grad is None
+    np.testing.assert_allclose(s.grad, -2 * m.detach() * (t.detach() - s.detach()) / m.sum().item())
+
+
+def test_position_aware_l2_refuses_teacher_gradients_and_mismatched_shapes():
+    with pytest.raises(LayerError, match="cannot back-propagate to the teacher"):
+        build(LOSS + " propagate_down: true propagate_down: true propagate_down: false",
+              [(1, 2, 3, 3), (1, 2, 3, 3), (1, 1, 3, 3)])
+    assert build(LOSS + " propagate_down: true propagate_down: false propagate_down: false",
+                 [(1, 2, 3, 3), (1, 2, 3, 3), (1, 1, 3, 3)]).top_shapes == [()]
+    with pytest.raises(LayerError, match="crop or adapt"):
+        build(LOSS, [(1, 2, 4, 4), (1, 2, 3, 3), (1, 1, 3, 3)])
+    with pytest.raises(LayerError, match="mask must be"):
+        build(LOSS, [(1, 2, 3, 3), (1, 2, 3, 3), (1, 2, 3, 3)])
