@@ -43,17 +43,25 @@ def box_area(boxes: torch.Tensor, pixel: bool = False) -> torch.Tensor:
 
 def _iou(a: torch.Tensor, b: torch.Tensor, area_a: torch.Tensor, area_b: torch.Tensor,
          pixel: bool) -> torch.Tensor:
-    """JaccardOverlap on broadcast-compatible ``[..., 4]`` boxes and ``[...]`` (cached) areas."""
-    disjoint = ((b[..., 0] > a[..., 2]) | (b[..., 2] < a[..., 0]) |
-                (b[..., 1] > a[..., 3]) | (b[..., 3] < a[..., 1]))
-    iw = torch.minimum(a[..., 2], b[..., 2]) - torch.maximum(a[..., 0], b[..., 0])
-    ih = torch.minimum(a[..., 3], b[..., 3]) - torch.maximum(a[..., 1], b[..., 1])
+    """JaccardOverlap of broadcast-compatible ``[..., 4]`` boxes with ``[...]`` (cached) areas.
+
+    Geometry only: no autograd (temporaries are updated in place, which also keeps this fast)."""
+    ax1, ay1, ax2, ay2 = (c.contiguous() for c in a.unbind(-1))
+    bx1, by1, bx2, by2 = (c.contiguous() for c in b.unbind(-1))
+    iw = torch.minimum(ax2, bx2).sub_(torch.maximum(ax1, bx1))
+    ih = torch.minimum(ay2, by2).sub_(torch.maximum(ay1, by1))
     if pixel:
-        iw, ih = iw + 1, ih + 1
-    inter = iw * ih
-    iou = inter / (area_a + area_b - inter)
-    positive = ~disjoint & (iw > 0) & (ih > 0)
-    return torch.where(positive, iou, torch.zeros_like(iou))
+        disjoint = (bx1 > ax2) | (bx2 < ax1) | (by1 > ay2) | (by2 < ay1)
+        iw.add_(1)
+        ih.add_(1)
+        positive = ~disjoint & (iw > 0) & (ih > 0)
+        inter = iw.mul_(ih)
+        iou = inter / (area_a + area_b - inter)
+        return iou.masked_fill_(~positive, 0.0)
+    # normalised: disjoint boxes have a non-positive side, clamped to 0 -> IoU 0
+    inter = iw.clamp_(min=0).mul_(ih.clamp_(min=0))
+    iou = inter.div_((area_a + area_b).sub_(inter))
+    return iou.nan_to_num_(0.0)                   # two empty boxes: 0 / 0
 
 
 def pairwise_iou(a: torch.Tensor, b: torch.Tensor, pixel: bool = False,
@@ -62,8 +70,9 @@ def pairwise_iou(a: torch.Tensor, b: torch.Tensor, pixel: bool = False,
     """IoU of every box of ``a [..., A, 4]`` with every box of ``b [..., B, 4]`` -> ``[..., A, B]``.
 
     Caffe's JaccardOverlap: strict disjointness test, intersection sides (``+1`` each in
-    ``pixel`` mode), 0 unless both sides are positive, else ``inter / (area_a + area_b - inter)``.
-    ``area_a``/``area_b`` override the areas (Caffe's cached ``size``; default: :func:`box_area`).
+    ``pixel`` mode), 0 unless both sides are positive, else ``inter / (area_a + area_b - inter)``
+    in the input dtype with Caffe's operation order. ``area_a``/``area_b`` override the areas
+    (Caffe's cached ``size``; default: :func:`box_area`). Not differentiable.
     """
     area_a = box_area(a, pixel) if area_a is None else area_a
     area_b = box_area(b, pixel) if area_b is None else area_b
@@ -203,13 +212,34 @@ def _key_value(key: torch.Tensor) -> torch.Tensor:
     return (key >> 32).int().view(torch.float32)
 
 
-def match(iou: torch.Tensor, gt_valid: torch.Tensor, ignored: Optional[torch.Tensor],
+def _best_candidates(iou: torch.Tensor, count: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The ``count`` best predictions of every object of ``iou [B, G, K]``, ordered by IoU
+    descending and, on equal IoU, by prediction index ascending: ``(keys, index)`` ``[B, G, count]``
+    with the int64 keys of :func:`_sortable_key`.
+
+    A float top-k decides which values are in; among the predictions tied with its last value
+    (common: a small object inside several equal priors) the lowest indices are taken."""
+    k = iou.shape[-1]
+    values, index = iou.topk(count, dim=-1)
+    last = values[..., -1:]
+    above = (values > last).sum(-1, keepdim=True)                      # these come first
+    reverse = torch.arange(k, 0, -1, dtype=torch.int32, device=iou.device)
+    tied = torch.where(iou == last, reverse, torch.zeros_like(reverse)).topk(count, dim=-1).values
+    slot = torch.arange(count, device=iou.device)
+    from_tied = (k - tied.long()).gather(-1, (slot - above).clamp(min=0))
+    index = torch.where(slot < above, index, from_tied)
+    values = torch.where(slot < above, values, last.expand_as(values))
+    keys = torch.sort(_sortable_key(values, index), dim=-1, descending=True).values
+    return keys, _key_index(keys)
+
+
+def match(iou: torch.Tensor, gt_valid: Optional[torch.Tensor], ignored: Optional[torch.Tensor],
           overlap_threshold: float, per_prediction: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """Caffe's MatchBBox for ``B`` independent problems (§3.5).
 
-    ``iou [B, K, G]`` float32 between predictions (priors or decoded boxes) and ground truth,
-    ``gt_valid [B, G]`` marks real (non-padding) ground truth, ``ignored [B, K]`` (or None) marks
-    predictions that are never matched (``ignore_cross_boundary_bbox``).
+    ``iou [B, G, K]`` float32 between ground truth and predictions (priors or decoded boxes);
+    ``gt_valid [B, G]`` (or None when padding objects already have IoU 0) marks real objects;
+    ``ignored [B, K]`` (or None) marks predictions never matched (``ignore_cross_boundary_bbox``).
 
     Greedy bipartite pass: repeatedly the largest IoU among free predictions x free objects
     (only pairs with IoU > 1e-6 exist; ties go to the smaller prediction, then the smaller object
@@ -218,39 +248,37 @@ def match(iou: torch.Tensor, gt_valid: torch.Tensor, ignored: Optional[torch.Ten
 
     Returns ``indices [B, K]`` int64 (object index; -1 unmatched; -2 ignored) and
     ``overlaps [B, K]`` float32 (IoU with the matched object; for unmatched predictions their
-    best IoU over all objects; 0 for ignored ones).
+    best IoU over all objects, 0 if none exceeds 1e-6; 0 for ignored ones).
 
-    The bipartite pass is exact but needs only each object's ``G`` best predictions: an object
-    still free at step ``t`` has lost at most ``t < G`` of them to other objects.
+    The bipartite pass is exact but looks only at each object's ``G`` best predictions: an
+    object still free at step ``t`` has lost at most ``t < G`` of them to other objects.
     """
-    b, k, g = iou.shape
-    present = (iou > MATCH_EPS) & gt_valid.unsqueeze(1)
+    b, g, k = iou.shape
+    if gt_valid is not None:
+        iou = iou.masked_fill(~gt_valid.unsqueeze(-1), 0.0)
     if ignored is not None:
-        present &= ~ignored.unsqueeze(-1)
-    masked = torch.where(present, iou, torch.zeros_like(iou))
-    overlaps = masked.max(-1).values if g else iou.new_zeros(b, k)
+        iou = iou.masked_fill(ignored.unsqueeze(1), 0.0)
     indices = torch.full((b, k), -1, dtype=torch.long, device=iou.device)
     if ignored is not None:
         indices = indices.masked_fill(ignored, -2)
     if g == 0 or k == 0:
-        return indices, overlaps
-    # each object's best predictions, ordered by (IoU desc, prediction index asc)
-    prior_index = torch.arange(k, device=iou.device).view(1, k, 1)
-    keys = torch.where(present, _sortable_key(masked, prior_index), torch.full_like(prior_index, -1))
-    cand_key = keys.transpose(1, 2).topk(min(g, k), dim=-1).values          # [B, G, G']
-    cand_prior = _key_index(cand_key).clamp(0, k - 1)
-    cand_ok = cand_key >= 0
+        return indices, iou.new_zeros(b, k)
+    best, best_gt = iou.max(1)                                                  # first max
+    present = best > MATCH_EPS
+    overlaps = torch.where(present, best, torch.zeros_like(best))
+    cand_key, cand_prior = _best_candidates(iou, min(g, k))                     # [B, G, G']
+    cand_ok = _key_value(cand_key) > MATCH_EPS
     taken = torch.zeros(b, k, dtype=torch.bool, device=iou.device)
-    gt_free = gt_valid.clone()
+    gt_free = torch.ones(b, g, dtype=torch.bool, device=iou.device)
     rows = torch.arange(b, device=iou.device)
     none = torch.full((b, g), -1, dtype=torch.long, device=iou.device)
     for _ in range(g):
         avail = cand_ok & ~taken.gather(1, cand_prior.view(b, -1)).view_as(cand_ok)
         first = avail.byte().argmax(-1, keepdim=True)                          # first free one
-        best = cand_key.gather(-1, first).squeeze(-1)
-        best = torch.where(avail.any(-1) & gt_free, best, none)                 # [B, G]
-        pick_gt = best.argmax(-1)                                               # first max: smaller g
-        pick_key = best.gather(-1, pick_gt.unsqueeze(-1)).squeeze(-1)
+        pick = cand_key.gather(-1, first).squeeze(-1)
+        pick = torch.where(avail.any(-1) & gt_free, pick, none)                 # [B, G]
+        pick_gt = pick.argmax(-1)                                               # first max: smaller g
+        pick_key = pick.gather(-1, pick_gt.unsqueeze(-1)).squeeze(-1)
         ok = pick_key >= 0
         pick_prior = _key_index(pick_key).clamp(0, k - 1)
         indices[rows, pick_prior] = torch.where(ok, pick_gt, indices[rows, pick_prior])
@@ -258,13 +286,9 @@ def match(iou: torch.Tensor, gt_valid: torch.Tensor, ignored: Optional[torch.Ten
         taken[rows, pick_prior] |= ok
         gt_free[rows, pick_gt] &= ~ok
     if per_prediction:
-        eligible = present & (iou >= overlap_threshold)
-        candidates = torch.where(eligible, iou, torch.full_like(iou, -1.0))
-        best_gt = candidates.argmax(-1)                                         # first max
-        best_iou = candidates.gather(-1, best_gt.unsqueeze(-1)).squeeze(-1)
-        take = (indices == -1) & eligible.any(-1)
+        take = (indices == -1) & present & (best >= overlap_threshold)
         indices = torch.where(take, best_gt, indices)
-        overlaps = torch.where(take, best_iou, overlaps)
+        overlaps = torch.where(take, best, overlaps)
     return indices, overlaps
 
 

@@ -574,14 +574,15 @@ class MultiBoxLoss(Layer):
                                  p.encode_variance_in_target)
         indices, overlaps = self._match(priors, decoded, gt)                # [N, L, K]
         loc_terms = self._loc_terms(loc4, indices, priors, variances, gt, decoded)
+        logp = F.log_softmax(conf3, dim=-1) if p.conf_loss_type == _MBL.SOFTMAX else None
         negatives = None
         if self.mining_type != _MBL.NONE:
-            indices, negatives = self._mine(conf3, loc, loc_terms, indices, overlaps, priors,
+            indices, negatives = self._mine(conf3, logp, loc, loc_terms, indices, overlaps, priors,
                                             variances, gt)
         positives = indices > -1
         num_matches = positives.sum()
         loc_sum = torch.where(positives.unsqueeze(-1), loc_terms, torch.zeros_like(loc_terms)).sum()
-        conf_sum = self._conf_sum(conf3, indices, negatives, gt)
+        conf_sum = self._conf_sum(conf3, logp, indices, negatives, gt)
         normalizer = self._normalizer(n, k, num_matches, loc.dtype)
         loss = loc.new_zeros(())
         if self.use_loc:
@@ -598,11 +599,11 @@ class MultiBoxLoss(Layer):
         k, c = self.num_priors, self.num_classes
         thr, per_prediction = p.overlap_threshold, p.match_type == _MBL.PER_PREDICTION
         classes = torch.arange(c, device=priors.device)
-        if p.use_prior_for_matching:
-            iou = box.pairwise_iou(priors, gt.boxes.view(n * g, 4)).view(k, n, g).transpose(0, 1)
+        if p.use_prior_for_matching:                # padding objects are empty boxes: IoU 0
+            iou = box.pairwise_iou(gt.boxes, priors)                            # [N, G, K]
             ignored = (box.is_cross_boundary(priors).expand(n, k)
                        if p.ignore_cross_boundary_bbox else None)
-            indices, overlaps = box.match(iou, gt.valid, ignored, thr, per_prediction)
+            indices, overlaps = box.match(iou, None, ignored, thr, per_prediction)
             if self.share_location:
                 return indices.unsqueeze(1), overlaps.unsqueeze(1)
             label = gt.labels.gather(1, indices.clamp(min=0))                # distribute by class
@@ -614,9 +615,9 @@ class MultiBoxLoss(Layer):
         valid = gt.valid.unsqueeze(1).expand(n, nl, g)
         if not self.share_location:                                          # objects of class l
             valid = valid & (gt.labels.unsqueeze(1) == classes.view(1, c, 1))
-        iou = box.pairwise_iou(decoded, gt.boxes.unsqueeze(1))              # [N, L, K, G]
+        iou = box.pairwise_iou(gt.boxes.unsqueeze(1), decoded)              # [N, L, G, K]
         ignored = box.is_cross_boundary(decoded) if p.ignore_cross_boundary_bbox else None
-        indices, overlaps = box.match(iou.reshape(n * nl, k, g), valid.reshape(n * nl, g),
+        indices, overlaps = box.match(iou.reshape(n * nl, g, k), valid.reshape(n * nl, g),
                                       None if ignored is None else ignored.reshape(n * nl, k),
                                       thr, per_prediction)
         indices, overlaps = indices.view(n, nl, k), overlaps.view(n, nl, k)
@@ -663,16 +664,17 @@ class MultiBoxLoss(Layer):
             label = torch.full_like(label, self.background_label_id + 1)
         return torch.where(last >= 0, label, torch.full_like(label, -1))
 
-    def _conf_rows(self, conf3, target, class_row, fill, image_stride=None):
+    def _conf_rows(self, conf3, logp, target, class_row, fill, image_stride=None):
         """Per-prior confidence loss ``[N, K]`` towards the ``target`` classes. LOGISTIC targets
         are 1 at the target class of the priors in ``class_row`` and ``fill`` elsewhere (the
         loss fills with background_label_id, the mining score with 0, as Caffe does).
         ``image_stride``: where image ``i``'s one-hot entries land in the flat ``N*K*C`` target
         (Caffe's EncodeConfPrediction advances by ``K``, not ``K*C``, per image when every prior
-        is used, so its LOGISTIC targets of images ``i > 0`` are misplaced; kept as is)."""
+        is used, so its LOGISTIC targets of images ``i > 0`` are misplaced; kept as is).
+        ``logp``: the log-softmax of ``conf3`` (SOFTMAX only)."""
         n, k, c = conf3.shape
-        if self.param.conf_loss_type == _MBL.SOFTMAX:
-            logp = F.log_softmax(conf3, dim=-1).gather(-1, target.clamp(0, c - 1).unsqueeze(-1)).squeeze(-1)
+        if logp is not None:
+            logp = logp.gather(-1, target.clamp(0, c - 1).unsqueeze(-1)).squeeze(-1)
             # Caffe: -log(max(p, FLT_MIN)); its gradient stays softmax - onehot
             return -(logp + (logp.clamp(min=_LOG_FLT_MIN) - logp).detach())
         hot = class_row & (target >= 0) & (target < c)
@@ -684,7 +686,7 @@ class MultiBoxLoss(Layer):
         goal = goal[:-1].view(n, k, c)
         return F.binary_cross_entropy_with_logits(conf3, goal, reduction="none").sum(-1)
 
-    def _conf_sum(self, conf3, indices, negatives, gt: GroundTruth):
+    def _conf_sum(self, conf3, logp, indices, negatives, gt: GroundTruth):
         background = self.background_label_id
         target = self._class_targets(indices, gt)
         positive = target >= 0
@@ -695,11 +697,11 @@ class MultiBoxLoss(Layer):
             rows = positive | negatives
             class_row = rows
         target = torch.where(positive, target, torch.full_like(target, background))
-        per_prior = self._conf_rows(conf3, target, class_row, background,
+        per_prior = self._conf_rows(conf3, logp, target, class_row, background,
                                     image_stride=conf3.shape[1] if negatives is None else None)
         return torch.where(rows, per_prior, torch.zeros_like(per_prior)).sum()
 
-    def _mine(self, conf3, loc, loc_terms, indices, overlaps, priors, variances, gt: GroundTruth):
+    def _mine(self, conf3, logp, loc, loc_terms, indices, overlaps, priors, variances, gt: GroundTruth):
         """MineHardExamples (share_location only, so L = 1): returns the updated match indices
         and the negatives ``[N, K]``."""
         p = self.param
@@ -709,7 +711,8 @@ class MultiBoxLoss(Layer):
         with torch.no_grad():
             target = self._class_targets(indices, gt)
             target = torch.where(matched, target, torch.full_like(target, self.background_label_id))
-            score = self._conf_rows(conf3.detach(), target, torch.ones_like(matched), 0).float()
+            score = self._conf_rows(conf3.detach(), None if logp is None else logp.detach(), target,
+                                    torch.ones_like(matched), 0).float()
             if self.mining_type == _MBL.HARD_EXAMPLE:
                 loc_loss = loc_terms[:, 0].detach().sum(-1).float()
                 score = score + torch.where(matched, loc_loss, torch.zeros_like(loc_loss))
