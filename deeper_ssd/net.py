@@ -262,15 +262,21 @@ class Net(torch.nn.Module):
         return tops
 
     # -- weights ---------------------------------------------------------------------------------
-    def load_caffemodel(self, source: Union[str, Path, caffe_pb2.NetParameter]) -> List[str]:
+    def load_caffemodel(self, source: Union[str, Path, caffe_pb2.NetParameter],
+                        prefix: str = "") -> List[str]:
         """Copy blobs from a .caffemodel by layer name, as Caffe's CopyTrainedLayersFrom: layers
         missing from the file keep their current values, file layers absent here are ignored, a
-        blob count or shape mismatch raises WeightsError. Returns the names of the layers loaded."""
+        blob count or shape mismatch raises WeightsError. Returns the names of the layers loaded.
+
+        ``prefix``: file layer ``X`` goes to the net's layer ``prefix + X`` (a net holding a
+        prefixed copy of another, e.g. ZoomInNet's frozen ``teacher/...`` layers, loads that
+        net's own .caffemodel); the names returned are the net's."""
         weights = source if isinstance(source, caffe_pb2.NetParameter) else io.read_caffemodel(source)
         origin = "<NetParameter>" if isinstance(source, caffe_pb2.NetParameter) else str(source)
         loaded = []
         for src in weights.layer:
-            target = self.layer_by_name.get(src.name)
+            name = prefix + src.name
+            target = self.layer_by_name.get(name)
             if target is None or not len(src.blobs):
                 continue
             if len(src.blobs) != len(target.blobs):
@@ -286,7 +292,7 @@ class Net(torch.nn.Module):
             with torch.no_grad():
                 for param, array in zip(target.blobs, arrays):
                     param.copy_(torch.from_numpy(array))
-            loaded.append(src.name)
+            loaded.append(name)
         return loaded
 
     def to_proto(self, with_blobs: bool = True) -> caffe_pb2.NetParameter:

@@ -223,3 +223,24 @@ def test_position_aware_l2_refuses_teacher_gradients_and_mismatched_shapes():
         build(LOSS, [(1, 2, 4, 4), (1, 2, 3, 3), (1, 1, 3, 3)])
     with pytest.raises(LayerError, match="mask must be"):
         build(LOSS, [(1, 2, 3, 3), (1, 2, 3, 3), (1, 2, 3, 3)])
+
+
+# ---------------------------------------------------------------------------------------------
+# teacher weights under a name prefix
+
+def _conv_net(names):
+    layers = "".join(f'layer {{ name: "{n}" type: "Convolution" bottom: "data" top: "{n}" '
+                     f'convolution_param {{ num_output: 2 kernel_size: 1 weight_filler {{ type: "gaussian" }} }} }}\n'
+                     for n in names)
+    text = f'layer {{ name: "in" type: "Input" top: "data" input_param {{ shape {{ dim: 1 dim: 3 dim: 2 dim: 2 }} }} }}\n{layers}'
+    return io.parse_text(text, caffe_pb2.NetParameter())
+
+
+def test_load_caffemodel_with_prefix_fills_only_the_prefixed_copy(tmp_path):
+    teacher = Net(_conv_net(["conv"]), seed=1)
+    teacher.save_caffemodel(tmp_path / "teacher.caffemodel")
+    both = Net(_conv_net(["conv", "teacher/conv"]), seed=2)
+    student_before = both.params["conv"][0].clone()
+    assert both.load_caffemodel(tmp_path / "teacher.caffemodel", prefix="teacher/") == ["teacher/conv"]
+    assert torch.equal(both.params["teacher/conv"][0], teacher.params["conv"][0])
+    assert torch.equal(both.params["conv"][0], student_before)
