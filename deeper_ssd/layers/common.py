@@ -346,20 +346,19 @@ class BatchNorm(_Identity):
 
     def forward(self, x):
         mean_sum, var_sum, weight = self.blobs
-        view = (1, -1) + (1,) * (x.dim() - 2)
         if self.use_global_stats:
             factor = torch.where(weight == 0, torch.zeros_like(weight), 1.0 / weight)
-            mean, var = mean_sum * factor, var_sum * factor
-        else:
-            dims = [d for d in range(x.dim()) if d != 1]
-            mean = x.mean(dim=dims)
-            var = x.var(dim=dims, unbiased=False)
+            return F.batch_norm(x, mean_sum * factor, var_sum * factor, training=False, eps=self.eps)
+        # one fused kernel normalises with the batch mean and biased variance (as Caffe) and
+        # returns them; Caffe's running sums are then updated from those
+        y, mean, inv_std = torch.native_batch_norm(x, None, None, None, None, True, 0.0, self.eps)
+        with torch.no_grad():
             m = x.numel() // x.shape[1]
-            with torch.no_grad():
-                weight.mul_(self.fraction).add_(1.0)
-                mean_sum.mul_(self.fraction).add_(mean.detach())
-                var_sum.mul_(self.fraction).add_(var.detach() * (m / max(m - 1, 1)))
-        return (x - mean.view(view)) / torch.sqrt(var.view(view) + self.eps)
+            var = inv_std.pow(-2) - self.eps
+            weight.mul_(self.fraction).add_(1.0)
+            mean_sum.mul_(self.fraction).add_(mean.to(mean_sum.dtype))
+            var_sum.mul_(self.fraction).add_(var.to(var_sum.dtype) * (m / max(m - 1, 1)))
+        return y
 
 
 class _AxisParameterLayer(Layer):
@@ -409,10 +408,9 @@ class Scale(_AxisParameterLayer):
         blobs = list(self.blobs)
         if scale is None:
             scale = blobs.pop(0)
-        out = x * scale.reshape(self.view)
         if self.bias_term:
-            out = out + blobs[0].reshape(self.view)
-        return out
+            return torch.addcmul(blobs[0].reshape(self.view), x, scale.reshape(self.view))
+        return x * scale.reshape(self.view)
 
 
 @register
