@@ -176,3 +176,17 @@ class HandSSD(nn.Module):
 
 def ssd300(num_classes: int = 21, detection_output=None) -> HandSSD:
     return HandSSD(SSD300_EXTRAS, SSD300_HEADS, 300, num_classes, detection_output)
+
+
+DEEPER_SSD500_EXTRAS = [Extra(6, 256, 512, 2, 1), Extra(7, 128, 256, 1, 1)] + \
+    [Extra(i, 128, 256, 1, 0) for i in range(8, 13)]
+DEEPER_SSD500_HEADS = [Head("conv4_3", 50, 100, (2,), 8), Head("fc7", 100, 150, (2, 3), 16),
+                       Head("conv6_2", 150, 200, (2, 3), 32), Head("conv7_2", 200, 250, (2, 3), 32),
+                       Head("conv8_2", 250, 300, (2, 3), 500 / 14), Head("conv9_2", 300, 350, (2, 3), 500 / 12),
+                       Head("conv10_2", 350, 400, (2, 3), 50), Head("conv11_2", 400, 450, (2,), 62.5),
+                       Head("conv12_2", 450, 500, (2,), 500 / 6)]
+
+
+def deeper_ssd500(num_classes: int = 2, detection_output=None) -> HandSSD:
+    """Deeper SSD500 (paper Table 1): conv7_2 keeps 16x16, conv8_2 ... conv12_2 go 14 ... 6."""
+    return HandSSD(DEEPER_SSD500_EXTRAS, DEEPER_SSD500_HEADS, 500, num_classes, detection_output)
