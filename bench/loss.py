@@ -2,8 +2,8 @@
 
     python bench/loss.py [--batch 8] [--runs 7] [--threads 2] [--device cpu] [--seed 0]
 
-For each configuration (SSD300's 8732 priors with 21 classes; the SSD512 prior layout, 24564
-priors, as the stand-in for Deeper SSD500's ~24k, with 21 and with 2 classes) it draws one batch
+For each configuration (SSD300's 8732 priors with 21 classes; Deeper SSD500's 28132 priors, read
+from prototxt/deeper_ssd500/deploy.prototxt, with its 2 classes and with 21) it draws one batch
 with 1-20 objects per image and random loc/conf values, then times, alternating, the batched
 layer (``deeper_ssd.layers.ssd.MultiBoxLoss``) and the deliberately simple per-image reference
 (``tests/multibox_reference.py``), both forward + backward with SSD's loss settings. It prints
@@ -27,28 +27,20 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from deeper_ssd import io  # noqa: E402
+from deeper_ssd import io, shapes  # noqa: E402
 from deeper_ssd.layers.ssd import MultiBoxLoss, PriorBox  # noqa: E402
 from deeper_ssd.proto import caffe_pb2  # noqa: E402
 
 VARIANCE = "variance: 0.1 variance: 0.1 variance: 0.2 variance: 0.2"
-# (feature map, image, prior_box_param) of SSD300 and of the SSD512 layout (§5.5, §5.8)
-LAYOUTS = {
-    "SSD300": [(38, 300, "min_size: 30 max_size: 60 aspect_ratio: 2 step: 8"),
-               (19, 300, "min_size: 60 max_size: 111 aspect_ratio: 2 aspect_ratio: 3 step: 16"),
-               (10, 300, "min_size: 111 max_size: 162 aspect_ratio: 2 aspect_ratio: 3 step: 32"),
-               (5, 300, "min_size: 162 max_size: 213 aspect_ratio: 2 aspect_ratio: 3 step: 64"),
-               (3, 300, "min_size: 213 max_size: 264 aspect_ratio: 2 step: 100"),
-               (1, 300, "min_size: 264 max_size: 315 aspect_ratio: 2 step: 300")],
-    "SSD512 layout": [(64, 512, "min_size: 35.84 max_size: 76.8 aspect_ratio: 2 step: 8"),
-                      (32, 512, "min_size: 76.8 max_size: 153.6 aspect_ratio: 2 aspect_ratio: 3 step: 16"),
-                      (16, 512, "min_size: 153.6 max_size: 230.4 aspect_ratio: 2 aspect_ratio: 3 step: 32"),
-                      (8, 512, "min_size: 230.4 max_size: 307.2 aspect_ratio: 2 aspect_ratio: 3 step: 64"),
-                      (4, 512, "min_size: 307.2 max_size: 384 aspect_ratio: 2 aspect_ratio: 3 step: 128"),
-                      (2, 512, "min_size: 384 max_size: 460.8 aspect_ratio: 2 step: 256"),
-                      (1, 512, "min_size: 460.8 max_size: 537.6 aspect_ratio: 2 step: 512")],
-}
-CONFIGS = [("SSD300", 21), ("SSD512 layout", 21), ("SSD512 layout", 2)]
+# (feature map, image, prior_box_param) of SSD300 (caffe-ssd-semantics.md §5.5)
+SSD300 = [(38, 300, "min_size: 30 max_size: 60 aspect_ratio: 2 step: 8"),
+          (19, 300, "min_size: 60 max_size: 111 aspect_ratio: 2 aspect_ratio: 3 step: 16"),
+          (10, 300, "min_size: 111 max_size: 162 aspect_ratio: 2 aspect_ratio: 3 step: 32"),
+          (5, 300, "min_size: 162 max_size: 213 aspect_ratio: 2 aspect_ratio: 3 step: 64"),
+          (3, 300, "min_size: 213 max_size: 264 aspect_ratio: 2 step: 100"),
+          (1, 300, "min_size: 264 max_size: 315 aspect_ratio: 2 step: 300")]
+DEEPER_SSD500 = ROOT / "prototxt" / "deeper_ssd500" / "deploy.prototxt"
+CONFIGS = [("SSD300", 21), ("Deeper SSD500", 2), ("Deeper SSD500", 21)]
 SSD_LOSS = "code_type: CENTER_SIZE"          # every other field at SSD's (= the default) value
 
 
@@ -57,11 +49,17 @@ def layer_param(text: str) -> caffe_pb2.LayerParameter:
 
 
 def make_priors(layout: str) -> torch.Tensor:
-    tops = []
-    for fm, img, params in LAYOUTS[layout]:
-        lp = layer_param(f'name: "p" type: "PriorBox" bottom: "f" bottom: "data" top: "p" '
-                         f'prior_box_param {{ {params} {VARIANCE} }}')
-        tops.append(PriorBox(lp, [(1, 1, fm, fm), (1, 3, img, img)]).priors((fm, fm), (img, img)))
+    """The mbox_priorbox blob of SSD300 or of the generated Deeper SSD500 deploy net."""
+    if layout == "SSD300":
+        tops = []
+        for fm, img, params in SSD300:
+            lp = layer_param(f'name: "p" type: "PriorBox" bottom: "f" bottom: "data" top: "p" '
+                             f'prior_box_param {{ {params} {VARIANCE} }}')
+            tops.append(PriorBox(lp, [(1, 1, fm, fm), (1, 3, img, img)]).priors((fm, fm), (img, img)))
+        return torch.cat(tops, dim=2)
+    plan = shapes.plan_net(io.read_net(DEEPER_SSD500), caffe_pb2.TEST, device="meta")
+    tops = [step.layer.priors(plan.blob_shapes[step.bottoms[0]][2:], plan.blob_shapes[step.bottoms[1]][2:])
+            for step in plan.layers if step.layer.caffe_type == "PriorBox"]
     return torch.cat(tops, dim=2)
 
 

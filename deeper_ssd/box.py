@@ -48,8 +48,11 @@ def _iou(a: torch.Tensor, b: torch.Tensor, area_a: torch.Tensor, area_b: torch.T
     Geometry only: no autograd (temporaries are updated in place, which also keeps this fast)."""
     ax1, ay1, ax2, ay2 = (c.contiguous() for c in a.unbind(-1))
     bx1, by1, bx2, by2 = (c.contiguous() for c in b.unbind(-1))
-    iw = torch.minimum(ax2, bx2).sub_(torch.maximum(ax1, bx1))
-    ih = torch.minimum(ay2, by2).sub_(torch.maximum(ay1, by1))
+    iw = torch.minimum(ax2, bx2)
+    scratch = torch.maximum(ax1, bx1)
+    iw.sub_(scratch)
+    ih = torch.minimum(ay2, by2)
+    ih.sub_(torch.maximum(ay1, by1, out=scratch))
     if pixel:
         disjoint = (bx1 > ax2) | (bx2 < ax1) | (by1 > ay2) | (by2 < ay1)
         iw.add_(1)
@@ -60,8 +63,8 @@ def _iou(a: torch.Tensor, b: torch.Tensor, area_a: torch.Tensor, area_b: torch.T
         return iou.masked_fill_(~positive, 0.0)
     # normalised: disjoint boxes have a non-positive side, clamped to 0 -> IoU 0
     inter = iw.clamp_(min=0).mul_(ih.clamp_(min=0))
-    iou = inter.div_((area_a + area_b).sub_(inter))
-    return iou.nan_to_num_(0.0)                   # two empty boxes: 0 / 0
+    union = torch.add(area_a, area_b, out=scratch).sub_(inter)
+    return inter.div_(union).nan_to_num_(0.0)     # two empty boxes: 0 / 0
 
 
 def pairwise_iou(a: torch.Tensor, b: torch.Tensor, pixel: bool = False,
@@ -307,11 +310,19 @@ def descending_rank(scores: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 def select_top(scores: torch.Tensor, candidates: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     """The ``count[b]`` highest-scoring candidates of each row (ties: lower position first).
 
-    ``scores [B, K]``, ``candidates [B, K]`` bool, ``count [B]`` int -> ``[B, K]`` bool mask.
-    """
-    masked = torch.where(candidates, scores, torch.full_like(scores, -float("inf")))
-    _, rank = descending_rank(masked)
-    return candidates & (rank < count.unsqueeze(-1))
+    ``scores [B, K]`` non-negative, ``candidates [B, K]`` bool, ``count [B]`` int -> ``[B, K]``
+    bool mask. One host sync: the largest count (a top-k over exact int64 keys, cheaper than
+    sorting every row)."""
+    b, k = scores.shape
+    most = min(int(count.max()), k) if b else 0
+    if most == 0:
+        return torch.zeros_like(candidates)
+    keys = _sortable_key(scores + 0.0, torch.arange(k, device=scores.device))    # -0.0 -> +0.0
+    keys = keys.masked_fill_(~candidates, -1).topk(most, dim=-1).values
+    take = (keys >= 0) & (torch.arange(most, device=scores.device) < count.unsqueeze(-1))
+    slot = torch.where(take, _key_index(keys), torch.full_like(keys, k))          # k: discarded
+    chosen = torch.zeros(b, k + 1, dtype=torch.bool, device=scores.device)
+    return chosen.scatter_(1, slot, True)[:, :k]
 
 
 def greedy_nms(boxes: torch.Tensor, valid: torch.Tensor, threshold: float, eta: float = 1.0) -> torch.Tensor:

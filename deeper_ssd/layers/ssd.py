@@ -573,15 +573,16 @@ class MultiBoxLoss(Layer):
             decoded = box.decode(priors, variances, loc4.detach().float(), p.code_type,
                                  p.encode_variance_in_target)
         indices, overlaps = self._match(priors, decoded, gt)                # [N, L, K]
-        loc_terms = self._loc_terms(loc4, indices, priors, variances, gt, decoded)
+        matched = (indices > -1).nonzero(as_tuple=True)                     # host sync: the matches
+        loc_terms = self._loc_terms(loc4, indices, matched, priors, variances, gt, decoded)
         logp = F.log_softmax(conf3, dim=-1) if p.conf_loss_type == _MBL.SOFTMAX else None
         negatives = None
         if self.mining_type != _MBL.NONE:
-            indices, negatives = self._mine(conf3, logp, loc, loc_terms, indices, overlaps, priors,
-                                            variances, gt)
-        positives = indices > -1
-        num_matches = positives.sum()
-        loc_sum = torch.where(positives.unsqueeze(-1), loc_terms, torch.zeros_like(loc_terms)).sum()
+            indices, negatives = self._mine(conf3, logp, loc, loc_terms, matched, indices, overlaps,
+                                            priors, variances, gt)
+        num_matches = (indices > -1).sum()
+        still = (indices[matched] > -1).unsqueeze(-1)                       # HARD_EXAMPLE demotes
+        loc_sum = torch.where(still, loc_terms, torch.zeros_like(loc_terms)).sum()
         conf_sum = self._conf_sum(conf3, logp, indices, negatives, gt)
         normalizer = self._normalizer(n, k, num_matches, loc.dtype)
         loss = loc.new_zeros(())
@@ -627,23 +628,22 @@ class MultiBoxLoss(Layer):
             overlaps = overlaps.masked_fill(skip, 0.0)
         return indices, overlaps
 
-    def _loc_terms(self, loc4, indices, priors, variances, gt: GroundTruth, decoded):
-        """Per-coordinate localisation loss ``[N, L, K, 4]`` of every prior as if it were matched
-        to ``indices`` (meaningful where ``indices > -1``), differentiable w.r.t. ``loc4``."""
+    def _loc_terms(self, loc4, indices, matched, priors, variances, gt: GroundTruth, decoded):
+        """Per-coordinate localisation loss ``[M, 4]`` of the ``M`` matched (image, loc class,
+        prior) triples ``matched`` (Caffe's rows of loc_pred / loc_gt, in the same order),
+        differentiable w.r.t. ``loc4 [N, L, K, 4]``."""
         p = self.param
-        n, nl, k = indices.shape
-        matched = (indices > -1).unsqueeze(-1)
-        objects = gt.boxes.gather(1, indices.clamp(min=0).reshape(n, nl * k, 1).expand(n, nl * k, 4))
-        target = box.encode(priors, variances, objects.view(n, nl, k, 4), p.code_type,
-                            p.encode_variance_in_target)
-        target = torch.where(matched, target, torch.zeros_like(target)).to(loc4.dtype)
-        pred = loc4
+        image, _, prior = matched
+        objects = gt.boxes[image, indices[matched]]
+        target = box.encode(priors[prior], variances[prior], objects, p.code_type,
+                            p.encode_variance_in_target).to(loc4.dtype)
+        pred = loc4[matched]
         if p.bp_inside:
-            inside_box = priors if p.use_prior_for_matching else decoded
+            inside_box = priors[prior] if p.use_prior_for_matching else decoded[matched]
             outside = (inside_box < 0) | (inside_box > 1)
             pred = torch.where(outside, target, pred)
         if p.encode_variance_in_target:
-            var = variances.to(loc4.dtype)
+            var = variances[prior].to(loc4.dtype)
             pred = pred + (pred / var - pred).detach()
             target = target / var
         diff = pred - target
@@ -701,7 +701,8 @@ class MultiBoxLoss(Layer):
                                     image_stride=conf3.shape[1] if negatives is None else None)
         return torch.where(rows, per_prior, torch.zeros_like(per_prior)).sum()
 
-    def _mine(self, conf3, logp, loc, loc_terms, indices, overlaps, priors, variances, gt: GroundTruth):
+    def _mine(self, conf3, logp, loc, loc_terms, matched_at, indices, overlaps, priors, variances,
+              gt: GroundTruth):
         """MineHardExamples (share_location only, so L = 1): returns the updated match indices
         and the negatives ``[N, K]``."""
         p = self.param
@@ -714,8 +715,9 @@ class MultiBoxLoss(Layer):
             score = self._conf_rows(conf3.detach(), None if logp is None else logp.detach(), target,
                                     torch.ones_like(matched), 0).float()
             if self.mining_type == _MBL.HARD_EXAMPLE:
-                loc_loss = loc_terms[:, 0].detach().sum(-1).float()
-                score = score + torch.where(matched, loc_loss, torch.zeros_like(loc_loss))
+                loc_loss = torch.zeros_like(score)
+                loc_loss[matched_at[0], matched_at[2]] = loc_terms.detach().sum(-1).float()
+                score = score + loc_loss
                 eligible = has_gt.expand(n, k)
                 wanted = torch.full((n,), p.sample_size, dtype=torch.long, device=conf3.device)
             else:
