@@ -265,6 +265,33 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
                    "solver refers to the nets as <out>/<model>/train.prototxt")
     p.add_argument("--set", dest="settings", action="append", type=_setting_arg, default=[],
                    metavar="NAME=VALUE", help="override a builder parameter or model field")
+    p.add_argument("--head", choices=("srtod",), help="attach a head: srtod = SR-TOD's "
+                   "reconstruction head + DGFE (issue 8); written to <out>/<model>_srtod/")
+    p.add_argument("--srtod-source", metavar="BLOB", help="SR-TOD: the prediction source it "
+                   "reconstructs from and enhances (default conv4_3; others get _srtod_<BLOB>)")
+    p.add_argument("--head-set", dest="head_settings", action="append", type=_setting_arg,
+                   default=[], metavar="NAME=VALUE",
+                   help="override a head setting (deeper_ssd.spec.heads.SRTOD fields)")
+
+
+def _with_head(model, args):
+    """``model`` with the head ``--head`` asks for (unchanged without one)."""
+    settings = dict(args.head_settings)
+    if args.srtod_source:
+        settings["source"] = args.srtod_source
+    if not args.head:
+        if settings:
+            raise UsageError("--srtod-source and --head-set need --head")
+        return model
+    import dataclasses
+    from .spec import heads
+    try:
+        return heads.with_srtod(model, heads.SRTOD(**settings))
+    except TypeError:
+        known = ", ".join(f.name for f in dataclasses.fields(heads.SRTOD))
+        raise UsageError(f"--head-set {', '.join(settings)}: SR-TOD settings are {known}") from None
+    except ValueError as err:
+        raise UsageError(str(err)) from None
 
 
 @command("generate", "write prototxt/<model>/{train,test,deploy,solver}.prototxt for zoo models",
@@ -274,8 +301,9 @@ def cmd_generate(args) -> int:
     if args.all == bool(args.models):
         raise UsageError("name models or give --all")
     for name in zoo.names() if args.all else args.models:
-        paths = _checked(_zoo_model(name, args.settings), lambda m: zoo.write_model(m, args.out))
-        print(f"{name}: {paths[0].parent}/{{train,test,deploy,solver}}.prototxt")
+        model = _with_head(_zoo_model(name, args.settings), args)
+        paths = _checked(model, lambda m: zoo.write_model(m, args.out))
+        print(f"{model.name}: {paths[0].parent}/{{train,test,deploy,solver}}.prototxt")
     return 0
 
 
