@@ -120,6 +120,70 @@ def cmd_detect(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# SR-TOD: the difference-map view of a net with the SR-TOD head (issue 8)
+
+def _diffmap_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    p.add_argument("--model", required=True, help="deploy prototxt with the SR-TOD head "
+                   "(deeper-ssd generate MODEL --head srtod)")
+    p.add_argument("--weights", required=True, help=".caffemodel")
+    p.add_argument("--out", default="diffmap", help="output folder (default: diffmap/)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+
+
+@command("diffmap", "SR-TOD's view of images: reconstruction, difference map and mask as PNGs "
+         "side by side (the paper's Fig. 1)", _diffmap_arguments)
+def cmd_diffmap(args) -> int:
+    from pathlib import Path
+    import torch
+    from . import detect, diffmap
+    from .net import Net
+    net = Net.from_prototxt(args.model, "TEST", device=torch.device(args.device))
+    net.load_caffemodel(args.weights)
+    for path in args.images:
+        try:
+            view = diffmap.srtod_view(net, detect.read_image(path))
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+        paths = diffmap.write_view(view, Path(args.out), Path(path).stem)
+        print(f"{path}: threshold {view.threshold:.4f}, difference map max {view.difference.max():.4f}, "
+              f"mask above threshold {float((view.mask == 1).mean()):.2%}; wrote {paths['side_by_side']}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# OpenCV: a deploy net against OpenCV's Caffe importer; nets with our own layer types refused
+
+def _opencv_check_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="deploy prototxt")
+    p.add_argument("--weights", help=".caffemodel (default: the net's fillers, seeded by --seed)")
+    p.add_argument("--seed", type=int, default=0, help="weights and input seed (default 0)")
+    p.add_argument("--rtol", type=float, default=1e-4,
+                   help="largest accepted |ours - OpenCV| / max |ours| per blob (default 1e-4)")
+
+
+@command("opencv-check", "run a deploy net in deeper-ssd and in OpenCV's Caffe importer on one "
+         "seeded input and compare (nets with SR-TOD/ZoomInNet layers are refused)",
+         _opencv_check_arguments)
+def cmd_opencv_check(args) -> int:
+    from . import opencv_check
+    try:
+        rows = opencv_check.compare(args.model, args.weights, args.seed)
+    except opencv_check.OpenCVUnsupported as err:
+        raise UsageError(str(err)) from None
+    width = max(len(r.blob) for r in rows)
+    for r in rows:
+        verdict = "ok" if r.relative <= args.rtol else "DIFFERS"
+        print(f"{r.blob:<{width}}  {'x'.join(map(str, r.shape)):>14}  max |diff| {r.max_abs_diff:.3g}"
+              f"  (relative {r.relative:.3g})  {verdict}")
+    net = io.read_net(args.model)
+    if any(float(v) != int(v) for layer in net.layer if layer.type == "PriorBox"
+           for v in list(layer.prior_box_param.min_size) + list(layer.prior_box_param.max_size)):
+        print("note: the net has non-integer PriorBox sizes, which Caffe truncates and OpenCV does not")
+    return 0 if all(r.relative <= args.rtol for r in rows) else 1
+
+
+# ---------------------------------------------------------------------------------------------
 # data: annotated LMDB creation and inspection, the bundled sample set
 
 def create_data_arguments(p: argparse.ArgumentParser) -> None:

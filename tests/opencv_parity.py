@@ -13,6 +13,7 @@ import torch
 
 from deeper_ssd import io
 from deeper_ssd.net import Net
+from deeper_ssd.opencv_check import refuse_unsupported
 
 
 def has_integer_prior_sizes(net_param) -> bool:
@@ -49,6 +50,7 @@ def without_result_files(net_param):
 def compare_with_opencv(deploy_path, tmp_path, seed=0, batch=1, rtol=1e-4):
     """Assert per-layer agreement; returns the number of layers compared."""
     net_param = without_result_files(io.read_net(deploy_path))
+    refuse_unsupported(net_param, str(deploy_path))     # SR-TOD/ZoomInNet layers: OpenCV has none
     deploy_path = tmp_path / "deploy.prototxt"
     io.write_net(net_param, deploy_path)
     net = Net(net_param, "TEST", seed=seed)
