@@ -1,14 +1,17 @@
-"""ZoomInNet layers (Upsample, AKDPMask, PositionAwareL2Loss): index conventions, hand-computed
-masks and losses, gradients only into the student."""
+"""ZoomInNet: the layers (Upsample, AKDPMask, PositionAwareL2Loss) with their index conventions,
+hand-computed masks and losses and gradients into the student only; teacher weights under a
+prefix; the builder's teacher, distillation net and frozen teacher."""
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from deeper_ssd import io
+from deeper_ssd import io, shapes
 from deeper_ssd.layers import LayerError
 from deeper_ssd.net import Net
 from deeper_ssd.proto import caffe_pb2
+from deeper_ssd.spec import heads, ssd, zoo
+from deeper_ssd.spec.solver import SolverSettings
 from layer_harness import build, run_ours
 
 UP = 'name: "up" type: "Upsample" bottom: "x" top: "y"'
@@ -168,7 +171,8 @@ def test_akdp_uses_the_priorbox_layout_of_a_real_layer():
 
 
 def test_akdp_shape_rules():
-    ok = build(_akdp(levels=2), [(4, 8, 3, 3), (1, 2, 4 * 9 * 6), (4, 8, 2, 2), (1, 2, 4 * 4 * 4), (1, 1, -1, 8)])
+    ok = build(_akdp(levels=2), [(4, 8, 3, 3), (1, 2, 4 * 9 * 6), (4, 8, 2, 2), (1, 2, 4 * 4 * 4),
+                                 (1, 1, -1, 8)])
     assert ok.top_shapes == [(4, 1, 3, 3), (4, 1, 2, 2)] and ok.cell_priors == [6, 4]
     with pytest.raises(LayerError, match="do not tile"):
         build(_akdp(), [(4, 8, 3, 3), (1, 2, 4 * 10), (1, 1, -1, 8)])
@@ -230,10 +234,12 @@ def test_position_aware_l2_refuses_teacher_gradients_and_mismatched_shapes():
 
 def _conv_net(names):
     layers = "".join(f'layer {{ name: "{n}" type: "Convolution" bottom: "data" top: "{n}" '
-                     f'convolution_param {{ num_output: 2 kernel_size: 1 weight_filler {{ type: "gaussian" }} }} }}\n'
+                     'convolution_param { num_output: 2 kernel_size: 1 '
+                     'weight_filler { type: "gaussian" } } }\n'
                      for n in names)
-    text = f'layer {{ name: "in" type: "Input" top: "data" input_param {{ shape {{ dim: 1 dim: 3 dim: 2 dim: 2 }} }} }}\n{layers}'
-    return io.parse_text(text, caffe_pb2.NetParameter())
+    data = ('layer { name: "in" type: "Input" top: "data" '
+            'input_param { shape { dim: 1 dim: 3 dim: 2 dim: 2 } } }\n')
+    return io.parse_text(data + layers, caffe_pb2.NetParameter())
 
 
 def test_load_caffemodel_with_prefix_fills_only_the_prefixed_copy(tmp_path):
@@ -244,3 +250,145 @@ def test_load_caffemodel_with_prefix_fills_only_the_prefixed_copy(tmp_path):
     assert both.load_caffemodel(tmp_path / "teacher.caffemodel", prefix="teacher/") == ["teacher/conv"]
     assert torch.equal(both.params["teacher/conv"][0], teacher.params["conv"][0])
     assert torch.equal(both.params["conv"][0], student_before)
+
+
+# ---------------------------------------------------------------------------------------------
+# the distillation net (deeper_ssd.spec.heads, ZoomInNet section)
+
+def _small_model(**changes):
+    """A 1/16-width SSD with four levels at 64x64: conv4_3 8, fc7 4, conv6_2 2, conv7_2 2 (pad 1,
+    stride 1, as Deeper SSD's); at 128 (the teacher) every map doubles exactly."""
+    settings = SolverSettings(base_lr=0.01, stepvalues=(100,), max_iter=100, solver_mode="CPU")
+    model = ssd.SSDModel(name="small", net_name="small", input_size=64, dataset=zoo.DRONE_SAMPLE,
+                         extras=(*ssd.extra_pair(6), *ssd.extra_pair(7, 1, 1)),
+                         sources=("conv4_3", "fc7", "conv6_2", "conv7_2"), width=1 / 16, batchnorm=True,
+                         prior_sizes=((8, 16), (16, 24), (24, 40), (40, 60)), batch_size=2, solver=settings)
+    return model.replace(**changes)
+
+
+def _inputs(batch=2, size=128):
+    g = torch.Generator().manual_seed(3)
+    label = torch.tensor([[[[0, 1, 0, .1, .1, .3, .35, 0], [1, 1, 0, .5, .4, .7, .6, 0],
+                            [1, 1, 1, .05, .6, .2, .9, 0]]]])
+    return dict(data_2x=torch.randn(batch, 3, size, size, generator=g) * 50, label=label)
+
+
+def _teacher_blobs(net):
+    return {(layer.name, i): blob.detach().clone() for layer in net.layers
+            if layer.name.startswith("teacher/")
+            for i, blob in enumerate(layer.blobs)}
+
+
+def test_teacher_is_the_model_at_twice_the_input_with_the_students_prior_pixels():
+    student = zoo.get("deeper_ssd500")
+    teacher = heads.zoomin_teacher(student)
+    s_plan, t_plan = student.plan(), teacher.plan()
+    assert teacher.input_size == 1000 and teacher.name == "deeper_ssd500_teacher"
+    assert [l.prior.min_size for l in t_plan.layers] == [l.prior.min_size for l in s_plan.layers]
+    assert [l.map_size for l in t_plan.layers] == [125, 63, 32, 32, 30, 28, 26, 24, 22]
+    # steps: the student's where the map doubles (8, 16, 32, 32), 1000 / map elsewhere
+    assert [l.prior.step for l in t_plan.layers][:4] == [l.prior.step for l in s_plan.layers][:4]
+    assert t_plan.layers[4].prior.step == pytest.approx(1000 / 30)
+    doubled = heads.zoomin_teacher(student, heads.ZoomIn(teacher_prior_scale=2)).plan()
+    assert doubled.layers[0].prior.min_size == 2 * s_plan.layers[0].prior.min_size
+
+
+def test_generated_distillation_net_static_shapes():
+    model = heads.with_zoomin(zoo.get("deeper_ssd500"))
+    nets = model.nets()
+    assert list(nets) == ["train", "train_nodistill", "test", "deploy"]
+    train = nets["train"]
+    blobs = shapes.plan_net(train, caffe_pb2.TRAIN, device="meta").blob_shapes
+    assert blobs["data_2x"] == (8, 3, 1000, 1000) and blobs["data"] == (8, 3, 500, 500)
+    expected = {  # student head input (LA) vs teacher map: crop the student where it is one larger
+        "conv4_3_norm": ((8, 512, 126, 126), (8, 512, 125, 125)),
+        "fc7": ((8, 1024, 64, 64), (8, 1024, 63, 63)),
+        "conv6_2": ((8, 512, 32, 32), (8, 512, 32, 32)), "conv7_2": ((8, 256, 32, 32), (8, 256, 32, 32))}
+    for head, (up, teacher) in expected.items():
+        assert blobs[f"{head}_up"] == up and blobs[f"teacher/{head}"] == teacher
+        assert blobs[f"zoomin/mask_{head}"] == (8, 1, *teacher[2:])
+        assert blobs[f"zoomin/loss_{head}"] == ()
+    assert blobs["zoomin/conv4_3_norm_crop"] == (8, 512, 125, 125)
+    losses = [l for l in train.layer if l.type == "PositionAwareL2Loss"]
+    assert [l.name for l in losses] == [f"zoomin/loss_{h}" for h in expected]        # conv8_2 ...: 28 vs 30
+    for layer in losses:
+        assert list(layer.loss_weight) == [pytest.approx(0.01)]
+        assert list(layer.propagate_down) == [True, False, False]
+    teacher = [l for l in train.layer if l.name.startswith("teacher/")]
+    assert teacher and all(p.lr_mult == 0 and p.decay_mult == 0 for l in teacher for p in l.param)
+    assert not any(l.type in ("MultiBoxLoss", "AnnotatedData") for l in teacher)
+    assert {l.name for l in teacher} >= {"teacher/conv1_1", "teacher/conv7_2", "teacher/conv4_3_norm"}
+    assert "teacher/conv8_2" not in {l.name for l in teacher}
+    # the student's PriorBoxes live in the 2x frame; test and deploy are the student at 500
+    prior = next(l for l in train.layer if l.name == "conv4_3_norm_mbox_priorbox")
+    assert list(prior.bottom) == ["conv4_3_norm_up", "data"] and prior.prior_box_param.img_size == 1000
+    deploy = shapes.plan_net(nets["deploy"], caffe_pb2.TEST, device="meta").blob_shapes
+    assert deploy["data"] == (1, 3, 500, 500) and deploy["conv4_3_norm_up"] == (1, 512, 126, 126)
+    assert not any(l.name.startswith(("teacher/", "zoomin/")) for l in nets["deploy"].layer)
+
+
+def test_alignment_none_subsamples_the_teacher_and_explicit_pairs_get_adapters():
+    none = heads.with_zoomin(_small_model(), heads.ZoomIn(alignment="NONE")).nets()["train"]
+    blobs = shapes.plan_net(none, caffe_pb2.TRAIN, device="meta").blob_shapes
+    assert blobs["zoomin/conv4_3_norm_teacher_sub"] == blobs["conv4_3_norm"]
+    assert not any(l.type == "Upsample" for l in none.layer)
+    crossed = heads.with_zoomin(_small_model(), heads.ZoomIn(pairs=(("conv6_2", "conv7_2"),)))
+    blobs = shapes.plan_net(crossed.nets()["train"], caffe_pb2.TRAIN, device="meta").blob_shapes
+    # LA: conv6_2_up (32 channels, 4x4) against the teacher's conv7_2 (16 channels, 4x4)
+    assert blobs["conv6_2_up"][1:] == (32, 4, 4) and blobs["teacher/conv7_2"][1:] == (16, 4, 4)
+    assert blobs["zoomin/conv6_2_adapt"][1:] == (16, 4, 4)
+    with pytest.raises(ValueError, match=r"aligned maps \(8, 8\) and \(16, 16\)"):
+        heads.with_zoomin(_small_model(), heads.ZoomIn(pairs=(("fc7", "conv4_3_norm"),))).nets()
+
+
+def test_la_student_priors_are_the_teachers():
+    model = heads.with_zoomin(_small_model())
+    student = Net(model.nets()["deploy"], "TEST", seed=0)
+    teacher = Net(model.teacher().nets()["deploy"], "TEST", seed=0)
+    student.forward(keep_blobs=True, data=torch.zeros(1, 3, 64, 64))
+    teacher.forward(keep_blobs=True, data=torch.zeros(1, 3, 128, 128))
+    assert torch.equal(student.blobs["mbox_priorbox"], teacher.blobs["mbox_priorbox"])
+
+
+def test_teacher_loads_its_own_caffemodel_gets_no_gradient_and_never_changes(tmp_path):
+    model = heads.with_zoomin(_small_model())
+    teacher_own = Net(model.teacher().nets()["train"], "TRAIN", seed=5)
+    inputs = _inputs()
+    teacher_own(data=inputs["data_2x"], label=inputs["label"])   # BatchNorm statistics off zero
+    teacher_own.save_caffemodel(tmp_path / "teacher.caffemodel")
+    net = Net(model.nets()["train"], "TRAIN", seed=0)
+    loaded = net.load_caffemodel(tmp_path / "teacher.caffemodel", prefix="teacher/")
+    assert "teacher/conv1_1" in loaded and all(name.startswith("teacher/") for name in loaded)
+    # the teacher branch computes what the teacher computes on its own (on its stored statistics)
+    own_test = Net(model.teacher().nets()["deploy"], "TEST")
+    own_test.load_caffemodel(tmp_path / "teacher.caffemodel")
+    own_test.forward(keep_blobs=True, data=inputs["data_2x"])
+    net.forward(keep_blobs=True, **inputs)
+    torch.testing.assert_close(net.blobs["teacher/conv4_3_norm"], own_test.blobs["conv4_3_norm"])
+    frozen = _teacher_blobs(net)
+    student_before = net.params["conv1_1"][0].detach().clone()
+    params = [p for p in net.learnable_params]
+    assert all(not p.blob.requires_grad for p in params if p.layer.startswith("teacher/"))
+    for _ in range(3):                                       # Caffe SGD: local rate lr * lr_mult
+        out = net(**inputs)
+        for p in params:
+            p.blob.grad = None
+        out.loss.backward()
+        assert all(p.blob.grad is None for p in params if p.layer.startswith("teacher/"))
+        assert all(out[f"zoomin/loss_{h}"].item() > 0 for h in ("conv4_3_norm", "fc7", "conv6_2", "conv7_2"))
+        with torch.no_grad():
+            for p in params:
+                grad = p.blob.grad if p.blob.grad is not None else torch.zeros_like(p.blob)
+                p.blob -= 0.01 * p.lr_mult * (grad + 0.0005 * p.decay_mult * p.blob)
+    after = _teacher_blobs(net)
+    assert after.keys() == frozen.keys() and all(torch.equal(after[k], frozen[k]) for k in frozen)
+    assert not torch.equal(net.params["conv1_1"][0], student_before)
+
+
+def test_student_weights_start_equal_with_and_without_distillation():
+    nets = heads.with_zoomin(_small_model()).nets()
+    with_teacher = Net(nets["train"], "TRAIN", seed=7)
+    baseline = Net(nets["train_nodistill"], "TRAIN", seed=7)
+    for name, blobs in baseline.params.items():
+        for a, b in zip(blobs, with_teacher.params[name]):
+            assert torch.equal(a, b), name

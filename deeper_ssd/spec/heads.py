@@ -1,4 +1,4 @@
-"""Heads attached to zoo models: SR-TOD (issue 8); ZoomInNet keeps its own section.
+"""Heads attached to zoo models: SR-TOD (issue 8); ZoomInNet (issue 9) keeps its own section.
 
 SR-TOD (Cao et al., ECCV 2024; shared/reference/heads-srtod-zoominnet.md A.6, option A) on an
 SSD-family model: the prediction source ``source`` (default ``conv4_3``) plays the paper's P2.
@@ -25,16 +25,19 @@ docs/decisions.md (SR-TOD) records each choice.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from .. import shapes
+from .. import io, shapes
 from ..proto import caffe_pb2
-from .netspec import TRAIN, L, NetSpec
-from .ssd import SSDModel
+from .netspec import TRAIN, L, NetSpec, assign, param_field_for_type
+from .solver import build_solver
+from .ssd import SSDModel, SSDPlan
 
 __all__ = ["SRTOD_THRESHOLDS", "SRTOD", "SRTODModel", "with_srtod", "srtod_layers", "attach_srtod",
-           "committed_variants"]
+           "committed_variants", "ZOOMIN_ALIGNMENTS", "ZoomIn", "ZoomInModel", "with_zoomin",
+           "zoomin_teacher", "layer_adaption", "write_zoomin"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,3 +225,349 @@ def committed_variants() -> List[str]:
     (regenerated and compared by tests/test_srtod.py)."""
     from . import zoo
     return [name + SRTOD().suffix for name in zoo.names()]
+
+
+# ---------------------------------------------------------------------------------------------
+# ZoomInNet (issue 9): cross-scale distillation from a 2x-input teacher
+# (shared/reference/heads-srtod-zoominnet.md B.8; docs/decisions.md "ZoomInNet" records each choice)
+
+ZOOMIN_ALIGNMENTS = ("LA", "NONE")
+
+
+@dataclass(frozen=True)
+class ZoomIn:
+    """ZoomInNet settings (each is a builder parameter; ``--head-set NAME=VALUE`` on the CLI).
+
+    * ``alignment``: ``"LA"`` (layer adaption): each student head input ``H`` is upsampled 2x
+      (nearest, ``H_up``) before its mbox convolutions and PriorBox, whose ``img_size`` becomes
+      2S: the student predicts on the teacher's grid with the teacher's priors, and ``H_up`` is
+      distilled against the teacher's ``H``. ``"NONE"``: the student is the plain model and the
+      teacher's map is averaged 2x2/2 down to the student's grid (the paper's "SNet + CSKD").
+    * ``pairs``: ``(student blob, teacher blob)`` to distil (teacher names without the prefix);
+      default: every head input with itself where the aligned maps differ by at most
+      ``max_size_difference`` cells (the larger one is cropped top-left; the others are
+      skipped). Where channels differ a 1x1 Convolution adapts the student, in the loss branch.
+    * ``loss_weight``: λ_distill of each pair's PositionAwareL2Loss (0.01, applied once; the
+      pairs' losses add up).
+    * ``teacher_prefix``: prefix of the teacher's layer and blob names in the distillation net.
+    * ``teacher_prior_scale``: teacher prior pixel sizes = the student's × this (1: unchanged).
+    * ``akdp`` / ``l2``: AKDPMaskParameter / PositionAwareL2LossParameter fields, e.g.
+      ``{"std_mode": "POPULATION"}``; empty: the schema's defaults.
+    """
+    alignment: str = "LA"
+    pairs: Optional[Tuple[Tuple[str, str], ...]] = None
+    loss_weight: float = 0.01
+    teacher_prefix: str = "teacher/"
+    teacher_prior_scale: float = 1.0
+    max_size_difference: int = 1
+    akdp: Dict[str, object] = field(default_factory=dict)
+    l2: Dict[str, object] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.alignment not in ZOOMIN_ALIGNMENTS:
+            raise ValueError(f"ZoomInNet alignment {self.alignment!r}: use one of "
+                             f"{', '.join(ZOOMIN_ALIGNMENTS)}")
+        if not self.teacher_prefix:
+            raise ValueError("ZoomInNet teacher_prefix must not be empty")
+        if not self.teacher_prior_scale > 0 or self.max_size_difference < 0:
+            raise ValueError(f"ZoomInNet teacher_prior_scale ({self.teacher_prior_scale}) must be > 0 and "
+                             f"max_size_difference ({self.max_size_difference}) >= 0")
+
+
+def _plain(model: SSDModel, **changes) -> SSDModel:
+    """``model`` as a plain SSDModel (no head), with ``changes``."""
+    values = {f.name: getattr(model, f.name) for f in fields(SSDModel)}
+    values.update(changes)
+    return SSDModel(**values)
+
+
+def zoomin_teacher(model: SSDModel, settings: ZoomIn = ZoomIn()) -> SSDModel:
+    """The teacher: ``model`` at input 2S named ``<name>_teacher``, with the student's prior pixel
+    sizes (× ``teacher_prior_scale``) and aspect ratios level by level; its steps follow the
+    default rule at 2S (the student's steps where the map doubles, ``2S / map`` elsewhere)."""
+    plan = model.plan()
+    scale = settings.teacher_prior_scale
+    sizes = tuple((l.prior.min_size * scale, None if l.prior.max_size is None else l.prior.max_size * scale)
+                  for l in plan.layers)
+    teacher = _plain(model, name=f"{model.name}_teacher", net_name=f"{model.net_name}_teacher",
+                     input_size=2 * model.input_size, prior_sizes=sizes, steps=None,
+                     aspect_ratios=tuple(l.prior.aspect_ratios for l in plan.layers))
+    order = [l.source for l in teacher.plan().layers]
+    if order != [l.source for l in plan.layers]:
+        raise ValueError(f"{model.name}: at {teacher.input_size}x{teacher.input_size} the prediction layers "
+                         f"sort as {order}, at {model.input_size} as {[l.source for l in plan.layers]}; the "
+                         "teacher's priors cannot follow the student's level by level")
+    return teacher
+
+
+def layer_adaption(net: caffe_pb2.NetParameter, plan: SSDPlan, image_size: int) -> caffe_pb2.NetParameter:
+    """ZoomInNet's LA on a built SSD net: before ``H_mbox_loc`` each head input ``H`` gets
+    ``H_up`` = Upsample(H) (2x nearest), which ``H_mbox_loc``, ``H_mbox_conf`` and
+    ``H_mbox_priorbox`` read instead of ``H``; the PriorBoxes get ``img_size: image_size`` (2S)
+    and keep their steps and pixel sizes, which makes them the teacher's priors. Returns a copy."""
+    heads = {l.head_input for l in plan.layers}
+    readers = {h: (f"{h}_mbox_loc", f"{h}_mbox_conf", f"{h}_mbox_priorbox") for h in heads}
+    out = _copy(net)
+    del out.layer[:]
+    rewired = {h: 0 for h in heads}
+    for layer in net.layer:
+        head = layer.bottom[0] if len(layer.bottom) else None
+        if head in heads and layer.name in readers[head]:
+            if not rewired[head]:
+                out.layer.append(_layer(f"{head}_up", "Upsample", [head], [f"{head}_up"], scale=2))
+            rewired[head] += 1
+            layer = _copy(layer)
+            layer.bottom[0] = f"{head}_up"
+            if layer.type == "PriorBox":
+                layer.prior_box_param.img_size = image_size
+        out.layer.add().CopyFrom(layer)
+    missing = sorted(h for h, count in rewired.items() if count != len(readers[h]))
+    if missing:
+        raise ValueError(f"layer adaption: {', '.join(missing)} lack(s) the _mbox_loc/_mbox_conf/"
+                         f"_mbox_priorbox layers of net '{net.name}'")
+    return out
+
+
+@dataclass(frozen=True)
+class ZoomInModel(SSDModel):
+    """The ZoomInNet student of an SSD-family model (see :class:`ZoomIn`). ``nets()``:
+
+    * ``train``: the distillation net, in this layer order (so that the student's weights are
+      filled exactly as in ``train_nodistill`` for one seed): ``data_2x`` + ``label``
+      (AnnotatedData resized to 2S) and ``data`` = Pooling AVE 2x2/2 of ``data_2x``; the student
+      (LA-adapted unless ``alignment: NONE``) with its MultiBoxLoss; the teacher's layers that
+      the distilled blobs need, names prefixed, every parameter ``lr_mult: 0 decay_mult: 0``,
+      BatchNorm on its stored statistics; the distillation branch: per pair sub-sampling
+      (NONE), adapter and crops, one AKDPMask for all pairs (on the teacher's priors with LA,
+      the student's with NONE), one PositionAwareL2Loss per pair (``propagate_down: true
+      false false``);
+    * ``train_nodistill``: the same without teacher and distillation (the baseline);
+    * ``test``, ``deploy``: the student alone at S.
+
+    :meth:`teacher` is the teacher model (its own nets and solver); :func:`write_zoomin`
+    writes both.
+    """
+    zoomin: ZoomIn = ZoomIn()
+
+    def student(self) -> SSDModel:
+        return _plain(self)
+
+    def teacher(self) -> SSDModel:
+        return zoomin_teacher(self.student(), self.zoomin)
+
+    def nets(self) -> Dict[str, caffe_pb2.NetParameter]:
+        settings, student = self.zoomin, self.student()
+        plan, teacher = student.plan(), self.teacher()
+        plain = student.nets()
+        size2 = teacher.input_size
+        nets = {phase: layer_adaption(net, plan, size2) if settings.alignment == "LA" else _copy(net)
+                for phase, net in plain.items()}
+        nets["train_nodistill"] = _zoomed_input(nets.pop("train"), size2)
+        teacher_train = teacher.nets()["train"]
+        heads = [l.head_input for l in plan.layers]
+        candidates = settings.pairs or tuple((h, h) for h in heads)
+        branch = _teacher_branch(teacher_train, [t for _, t in candidates], settings)
+        blob_shapes = shapes.plan_net(_extended(nets["train_nodistill"], branch), caffe_pb2.TRAIN,
+                                      device="meta").blob_shapes
+        pairs = _aligned_pairs(candidates, blob_shapes, settings, explicit=settings.pairs is not None)
+        branch = _teacher_branch(teacher_train, [t for _, t in pairs], settings)
+        train = _extended(nets["train_nodistill"], branch)
+        train.layer.extend(_distill_branch(pairs, blob_shapes, settings))
+        nets["train"] = train
+        for phase, net in nets.items():
+            net.name = f"{self.net_name}_{phase}"
+        shapes.plan_net(train, caffe_pb2.TRAIN, device="meta")
+        shapes.plan_net(nets["deploy"], caffe_pb2.TEST, device="meta")
+        return {phase: nets[phase] for phase in ("train", "train_nodistill", "test", "deploy")}
+
+
+def with_zoomin(model: SSDModel, settings: ZoomIn = ZoomIn()) -> ZoomInModel:
+    """The ZoomInNet student of ``model``, named ``<name>_zoomin``."""
+    values = {f.name: getattr(model, f.name) for f in fields(SSDModel)}
+    values.update(name=f"{model.name}_zoomin", net_name=f"{model.net_name}_zoomin")
+    return ZoomInModel(**values, zoomin=settings)
+
+
+def write_zoomin(model: ZoomInModel, out: str = "prototxt") -> List[Path]:
+    """Write the teacher (``<out>/<name>_teacher/{train,test,deploy,solver}.prototxt``) and the
+    student (``<out>/<name>/{train,train_nodistill,test,deploy}.prototxt``, ``solver.prototxt``
+    for the distillation, ``solver_nodistill.prototxt`` for the baseline). Returns the paths."""
+    from . import zoo
+    teacher = model.teacher()
+    written = zoo.write_model(teacher, out)
+    written += zoo.write_model(model, out)
+    base = f"{out.rstrip('/')}/{model.name}"
+    solver = build_solver(model.solver, f"{base}/train_nodistill.prototxt", f"{base}/test.prototxt",
+                          model.dataset.num_test_image, model.test_batch_size,
+                          f"snapshots/{model.name}/{model.name}_nodistill")
+    path = Path(out) / model.name / "solver_nodistill.prototxt"
+    io.write_solver(solver, path)
+    return written + [path]
+
+
+def _copy(message):
+    duplicate = type(message)()
+    duplicate.CopyFrom(message)
+    return duplicate
+
+
+def _layer(name: str, type_name: str, bottoms: Sequence[str], tops: Sequence[str],
+           **params) -> caffe_pb2.LayerParameter:
+    """A LayerParameter; keywords are LayerParameter fields or fields of the type's message."""
+    layer = caffe_pb2.LayerParameter(name=name, type=type_name, bottom=list(bottoms), top=list(tops))
+    type_field = param_field_for_type(type_name)
+    for key, value in params.items():
+        assign(layer if key in caffe_pb2.LayerParameter.DESCRIPTOR.fields_by_name
+               else getattr(layer, type_field), key, value)
+    return layer
+
+
+def _extended(net: caffe_pb2.NetParameter,
+              layers: Sequence[caffe_pb2.LayerParameter]) -> caffe_pb2.NetParameter:
+    out = _copy(net)
+    out.layer.extend(layers)
+    return out
+
+
+def _zoomed_input(net: caffe_pb2.NetParameter, size2: int) -> caffe_pb2.NetParameter:
+    """``net`` with its AnnotatedData layer resizing to ``size2`` into ``data_2x`` and a Pooling
+    AVE 2x2/2 layer ``data`` after it: the rest of the net reads the same augmented image at
+    half that size."""
+    out = _copy(net)
+    index = next((i for i, layer in enumerate(out.layer) if layer.type == "AnnotatedData"), None)
+    if index is None or out.layer[index].top[0] != "data":
+        raise ValueError(f"net '{net.name}' has no AnnotatedData layer writing 'data'")
+    data = out.layer[index]
+    if not data.transform_param.HasField("resize_param"):
+        raise ValueError(f"data layer '{data.name}' has no resize_param: the 2x input size cannot be set")
+    data.name = data.top[0] = "data_2x"
+    data.transform_param.resize_param.height = data.transform_param.resize_param.width = size2
+    out.layer.insert(index + 1, _layer("data", "Pooling", ["data_2x"], ["data"], pool="AVE",
+                                       kernel_size=2, stride=2))
+    return out
+
+
+def _teacher_branch(teacher_train: caffe_pb2.NetParameter, blobs: Sequence[str],
+                    settings: ZoomIn) -> List[caffe_pb2.LayerParameter]:
+    """The teacher train net's layers needed for ``blobs`` (and, with LA, their PriorBoxes
+    ``<blob>_mbox_priorbox``), data layer excepted: names and blobs prefixed (``data`` becomes
+    ``data_2x``, ``label`` stays), every parameter blob ``lr_mult: 0 decay_mult: 0``
+    (ParamSpec names prefixed too), BatchNorm ``use_global_stats: true``."""
+    prefix = settings.teacher_prefix
+    produced = {top for layer in teacher_train.layer for top in layer.top}
+    wanted = set(blobs)
+    if settings.alignment == "LA":
+        wanted |= {f"{b}_mbox_priorbox" for b in blobs}
+    unknown = sorted(b for b in wanted if b not in produced)
+    if unknown:
+        raise ValueError(f"teacher net '{teacher_train.name}' has no blob {', '.join(unknown)} (with LA a "
+                         "distilled teacher blob must be a head input, whose priors give the mask)")
+    counts = {step.layer.name: len(step.layer.blobs)
+              for step in shapes.plan_net(teacher_train, caffe_pb2.TRAIN, device="meta").layers}
+    keep = []
+    for layer in reversed(teacher_train.layer):
+        if layer.type == "AnnotatedData" or not wanted & set(layer.top):
+            continue
+        keep.append(layer)
+        wanted |= set(layer.bottom)
+    rename = lambda blob: {"data": "data_2x", "label": "label"}.get(blob, prefix + blob)
+    branch = []
+    for layer in reversed(keep):
+        copy = _copy(layer)
+        copy.name = prefix + layer.name
+        copy.bottom[:] = [rename(b) for b in layer.bottom]
+        copy.top[:] = [rename(t) for t in layer.top]
+        for i in range(counts[layer.name]):
+            spec = copy.param[i] if i < len(copy.param) else copy.param.add()
+            spec.lr_mult, spec.decay_mult = 0, 0
+            if spec.name:
+                spec.name = prefix + spec.name
+        if layer.type == "BatchNorm":
+            copy.batch_norm_param.use_global_stats = True
+        branch.append(copy)
+    return branch
+
+
+def _aligned_pairs(candidates, blob_shapes, settings: ZoomIn, explicit: bool) -> List[Tuple[str, str]]:
+    """The candidates whose aligned maps differ by at most max_size_difference cells (an
+    explicit pair that does not is an error)."""
+    pairs, students = [], set()
+    for student, teacher in candidates:
+        if student in students:
+            raise ValueError(f"ZoomInNet pairs: student blob {student} appears twice")
+        s_hw, t_hw = _aligned_sizes(student, teacher, blob_shapes, settings)
+        if max(abs(a - b) for a, b in zip(s_hw, t_hw)) <= settings.max_size_difference and \
+                (all(a >= b for a, b in zip(s_hw, t_hw)) or all(a <= b for a, b in zip(s_hw, t_hw))):
+            pairs.append((student, teacher))
+            students.add(student)
+        elif explicit:
+            raise ValueError(f"ZoomInNet pair ({student}, {teacher}): aligned maps {s_hw} and {t_hw} "
+                             f"differ by more than {settings.max_size_difference} cell(s)")
+    if not pairs:
+        raise ValueError("ZoomInNet: no student/teacher pair has maps of matching size")
+    return pairs
+
+
+def _aligned_sizes(student: str, teacher: str, blob_shapes, settings: ZoomIn):
+    """Map sizes ``(h, w)`` of the student and teacher sides after LA / sub-sampling."""
+    for name, blob in (("student", student), ("teacher", settings.teacher_prefix + teacher)):
+        if blob not in blob_shapes:
+            raise ValueError(f"ZoomInNet: the {name} net has no blob {blob}")
+    s_hw = tuple(blob_shapes[student][2:])
+    t_hw = tuple(blob_shapes[settings.teacher_prefix + teacher][2:])
+    if settings.alignment == "LA":
+        return tuple(2 * d for d in s_hw), t_hw
+    return s_hw, tuple(-(-d // 2) for d in t_hw)         # AVE 2x2/2, ceil mode
+
+
+def _distill_branch(pairs, blob_shapes, settings: ZoomIn) -> List[caffe_pb2.LayerParameter]:
+    """Alignment, adapters and crops per pair, one AKDPMask over all pairs, one loss per pair."""
+    prefix, la = settings.teacher_prefix, settings.alignment == "LA"
+    prepare, grids, mask_crops, losses = [], [], [], []
+    for student, teacher in pairs:
+        s_blob, t_blob = student, prefix + teacher
+        s_c, t_c = blob_shapes[student][1], blob_shapes[t_blob][1]
+        if la:
+            if f"{student}_up" not in blob_shapes:               # not a head input: LA here
+                prepare.append(_layer(f"{student}_up", "Upsample", [student], [f"{student}_up"], scale=2))
+            s_blob = f"{student}_up"
+            grids.append((t_blob, f"{prefix}{teacher}_mbox_priorbox"))
+        else:
+            if f"{student}_mbox_priorbox" not in blob_shapes:
+                raise ValueError(f"ZoomInNet (alignment NONE): student blob {student} is not a head input "
+                                 "(the mask needs its priors)")
+            sub = f"zoomin/{student}_teacher_sub"
+            prepare.append(_layer(sub, "Pooling", [t_blob], [sub], pool="AVE", kernel_size=2, stride=2))
+            t_blob = sub
+            grids.append((student, f"{student}_mbox_priorbox"))
+        if s_c != t_c:
+            adapted = f"zoomin/{student}_adapt"
+            prepare.append(_layer(adapted, "Convolution", [s_blob], [adapted], num_output=t_c, kernel_size=1,
+                                  param=[dict(lr_mult=1, decay_mult=1), dict(lr_mult=2, decay_mult=0)],
+                                  weight_filler=dict(type="xavier"),
+                                  bias_filler=dict(type="constant", value=0)))
+            s_blob = adapted
+        mask = f"zoomin/mask_{student}"
+        s_hw, t_hw = _aligned_sizes(student, teacher, blob_shapes, settings)
+        crop = dict(axis=2, offset=[0])
+        if s_hw > t_hw:                                          # the student side is larger
+            cropped = f"zoomin/{student}_crop"
+            prepare.append(_layer(cropped, "Crop", [s_blob, t_blob], [cropped], **crop))
+            if not la:
+                mask_crops.append(_layer(f"{mask}_crop", "Crop", [mask, t_blob], [f"{mask}_crop"], **crop))
+                mask = f"{mask}_crop"
+            s_blob = cropped
+        elif t_hw > s_hw:
+            cropped = f"zoomin/{student}_teacher_crop"
+            prepare.append(_layer(cropped, "Crop", [t_blob, s_blob], [cropped], **crop))
+            if la:
+                mask_crops.append(_layer(f"{mask}_crop", "Crop", [mask, s_blob], [f"{mask}_crop"], **crop))
+                mask = f"{mask}_crop"
+            t_blob = cropped
+        losses.append(_layer(f"zoomin/loss_{student}", "PositionAwareL2Loss", [s_blob, t_blob, mask],
+                             [f"zoomin/loss_{student}"], loss_weight=settings.loss_weight,
+                             propagate_down=[True, False, False], include=dict(phase=TRAIN),
+                             **settings.l2))
+    akdp = _layer("zoomin/akdp", "AKDPMask", [b for grid in grids for b in grid] + ["label"],
+                  [f"zoomin/mask_{s}" for s, _ in pairs], include=dict(phase=TRAIN), **settings.akdp)
+    return prepare + [akdp] + mask_crops + losses
