@@ -329,13 +329,15 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
                    "solver refers to the nets as <out>/<model>/train.prototxt")
     p.add_argument("--set", dest="settings", action="append", type=_setting_arg, default=[],
                    metavar="NAME=VALUE", help="override a builder parameter or model field")
-    p.add_argument("--head", choices=("srtod",), help="attach a head: srtod = SR-TOD's "
-                   "reconstruction head + DGFE (issue 8); written to <out>/<model>_srtod/")
+    p.add_argument("--head", choices=("srtod", "zoomin"), help="attach a head: srtod = SR-TOD's "
+                   "reconstruction head + DGFE (issue 8); written to <out>/<model>_srtod/; zoomin = "
+                   "ZoomInNet distillation (issue 9): the student to <out>/<model>_zoomin/, its 2x "
+                   "teacher to <out>/<model>_zoomin_teacher/")
     p.add_argument("--srtod-source", metavar="BLOB", help="SR-TOD: the prediction source it "
                    "reconstructs from and enhances (default conv4_3; others get _srtod_<BLOB>)")
     p.add_argument("--head-set", dest="head_settings", action="append", type=_setting_arg,
                    default=[], metavar="NAME=VALUE",
-                   help="override a head setting (deeper_ssd.spec.heads.SRTOD fields)")
+                   help="override a head setting (deeper_ssd.spec.heads.SRTOD or ZoomIn fields)")
 
 
 def _with_head(model, args):
@@ -349,13 +351,25 @@ def _with_head(model, args):
         return model
     import dataclasses
     from .spec import heads
+    kind, attach = {"srtod": (heads.SRTOD, heads.with_srtod),
+                    "zoomin": (heads.ZoomIn, heads.with_zoomin)}[args.head]
+    if args.srtod_source and args.head != "srtod":
+        raise UsageError("--srtod-source needs --head srtod")
     try:
-        return heads.with_srtod(model, heads.SRTOD(**settings))
+        return attach(model, kind(**settings))
     except TypeError:
-        known = ", ".join(f.name for f in dataclasses.fields(heads.SRTOD))
-        raise UsageError(f"--head-set {', '.join(settings)}: SR-TOD settings are {known}") from None
+        known = ", ".join(f.name for f in dataclasses.fields(kind))
+        raise UsageError(f"--head-set {', '.join(settings)}: {kind.__name__} settings are {known}") from None
     except ValueError as err:
         raise UsageError(str(err)) from None
+
+
+def _write_model(model, out: str):
+    """Write a zoo model's files (a ZoomInNet student writes its teacher's too); returns the paths."""
+    from .spec import heads, zoo
+    if isinstance(model, heads.ZoomInModel):
+        return heads.write_zoomin(model, out)
+    return zoo.write_model(model, out)
 
 
 @command("generate", "write prototxt/<model>/{train,test,deploy,solver}.prototxt for zoo models",
@@ -366,8 +380,10 @@ def cmd_generate(args) -> int:
         raise UsageError("name models or give --all")
     for name in zoo.names() if args.all else args.models:
         model = _with_head(_zoo_model(name, args.settings), args)
-        paths = _checked(model, lambda m: zoo.write_model(m, args.out))
-        print(f"{model.name}: {paths[0].parent}/{{train,test,deploy,solver}}.prototxt")
+        paths = _checked(model, lambda m: _write_model(m, args.out))
+        for folder in dict.fromkeys(path.parent for path in paths):      # ZoomInNet: two folders
+            stems = ",".join(path.stem for path in paths if path.parent == folder)
+            print(f"{folder.name}: {folder}/{{{stems}}}.prototxt")
     return 0
 
 
