@@ -1,6 +1,6 @@
 """MultiBoxLoss forward + backward: the batched layer vs the per-image reference.
 
-    python bench/loss.py [--batch 8] [--runs 7] [--threads 2] [--device cpu] [--seed 0]
+    python bench/loss.py [--batch 8] [--runs 7] [--threads 1] [--device cpu] [--seed 0]
 
 For each configuration (SSD300's 8732 priors with 21 classes; Deeper SSD500's 28132 priors, read
 from prototxt/deeper_ssd500/deploy.prototxt, with its 2 classes and with 21) it draws one batch
@@ -143,7 +143,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--runs", type=int, default=7, help="timed runs of each variant (median)")
-    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (CPU)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads (CPU; on a shared machine more threads mostly measure contention)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--memory-probe", help=argparse.SUPPRESS)
