@@ -392,3 +392,22 @@ def test_student_weights_start_equal_with_and_without_distillation():
     for name, blobs in baseline.params.items():
         for a, b in zip(blobs, with_teacher.params[name]):
             assert torch.equal(a, b), name
+
+
+def test_generate_head_zoomin_writes_the_student_and_its_teacher(tmp_path, capsys):
+    from deeper_ssd import cli
+    assert cli.main(["generate", "deeper_ssd500_tiny", "--head", "zoomin", "--head-set", "loss_weight=0.02",
+                     "--out", str(tmp_path)]) == 0
+    student, teacher = tmp_path / "deeper_ssd500_tiny_zoomin", tmp_path / "deeper_ssd500_tiny_zoomin_teacher"
+    assert sorted(p.name for p in student.iterdir()) == sorted(
+        f"{n}.prototxt" for n in ("train", "train_nodistill", "test", "deploy", "solver", "solver_nodistill"))
+    assert sorted(p.name for p in teacher.iterdir()) == sorted(
+        f"{n}.prototxt" for n in ("train", "test", "deploy", "solver"))
+    assert io.read_solver(student / "solver_nodistill.prototxt").train_net == \
+        f"{tmp_path}/deeper_ssd500_tiny_zoomin/train_nodistill.prototxt"
+    train = io.read_net(student / "train.prototxt")
+    weights = [list(l.loss_weight) for l in train.layer if l.type == "PositionAwareL2Loss"]
+    assert weights == [[pytest.approx(0.02)]] * 4
+    assert "deeper_ssd500_tiny_zoomin_teacher:" in capsys.readouterr().out
+    assert cli.main(["generate", "deeper_ssd500_tiny", "--head", "zoomin", "--head-set", "alignment='FA'",
+                     "--out", str(tmp_path)]) == 2
