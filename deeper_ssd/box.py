@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 __all__ = ["CORNER", "CENTER_SIZE", "CORNER_SIZE", "CODE_NAMES", "box_area", "pairwise_iou",
-           "iou_with", "is_cross_boundary", "encode", "decode", "match", "greedy_nms",
+           "is_cross_boundary", "encode", "decode", "match", "greedy_nms",
            "descending_rank", "select_top", "clip", "to_image_pixels"]
 
 #: PriorBoxParameter.CodeType values (note: they start at 1)
@@ -80,12 +80,6 @@ def pairwise_iou(a: torch.Tensor, b: torch.Tensor, pixel: bool = False,
     area_a = box_area(a, pixel) if area_a is None else area_a
     area_b = box_area(b, pixel) if area_b is None else area_b
     return _iou(a.unsqueeze(-2), b.unsqueeze(-3), area_a.unsqueeze(-1), area_b.unsqueeze(-2), pixel)
-
-
-def iou_with(box: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-    """Normalised IoU of ``box [..., 4]`` with each of ``boxes [..., M, 4]`` -> ``[..., M]``."""
-    box = box.unsqueeze(-2)
-    return _iou(box, boxes, box_area(box), box_area(boxes), pixel=False)
 
 
 def is_cross_boundary(boxes: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,6 @@ import torch
 
 from deeper_ssd.layers import LayerError
 from deeper_ssd.layers.ssd import DetectionEvaluate
-from deeper_ssd.proto import caffe_pb2
 from layer_harness import layer_param
 
 

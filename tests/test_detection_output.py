@@ -9,7 +9,6 @@ import torch
 
 from deeper_ssd.layers import LayerError
 from deeper_ssd.layers.ssd import DetectionOutput
-from deeper_ssd.proto import caffe_pb2
 from layer_harness import layer_param, run_caffe_cases
 from test_multibox_loss import prior_blob
 

@@ -1,6 +1,5 @@
 """PriorBox: Caffe's order, integer truncation, steps, offsets, clip and variances
 (caffe-ssd-semantics.md §3.1, §6.2-6.4); real Caffe and OpenCV parity when available."""
-import re
 
 import numpy as np
 import pytest
@@ -9,7 +8,7 @@ import torch
 from deeper_ssd import io, shapes
 from deeper_ssd.layers import LayerError
 from deeper_ssd.proto import caffe_pb2
-from layer_harness import build, run_caffe
+from layer_harness import build
 
 
 def prior_layer(params: str) -> str:

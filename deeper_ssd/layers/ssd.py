@@ -272,7 +272,7 @@ def read_ground_truth(layer: Layer, label: torch.Tensor, num_images: int, keep_d
                        scatter(difficult, False, torch.bool), scatter(keep, False, torch.bool))
 
 
-def _nms_settings(layer: Layer, nms: caffe_pb2.NonMaximumSuppressionParameter):
+def _check_nms(nms: caffe_pb2.NonMaximumSuppressionParameter) -> None:
     if not nms.nms_threshold >= 0:
         raise ValueError(f"nms_threshold must be non negative, got {nms.nms_threshold}")
     if not 0 < nms.eta <= 1:
@@ -307,7 +307,7 @@ class DetectionOutput(Layer):
         self.keep_top_k = p.keep_top_k
         self.confidence_threshold = (p.confidence_threshold if p.HasField("confidence_threshold")
                                      else -float(np.finfo(np.float32).max))
-        _nms_settings(self, p.nms_param)
+        _check_nms(p.nms_param)
         self.nms_threshold = p.nms_param.nms_threshold
         self.eta = p.nms_param.eta
         self.top_k = p.nms_param.top_k if p.nms_param.HasField("top_k") else -1
@@ -524,7 +524,7 @@ class MultiBoxLoss(Layer):
         if self.mining_type == _MBL.HARD_EXAMPLE and p.sample_size <= 0:
             raise ValueError(f"sample_size must be > 0 for HARD_EXAMPLE mining, got {p.sample_size}")
         if p.HasField("nms_param"):
-            _nms_settings(self, p.nms_param)
+            _check_nms(p.nms_param)
         if p.conf_loss_type == _MBL.SOFTMAX and not self.background_label_id < self.num_classes:
             raise ValueError(f"background_label_id {self.background_label_id} must be within "
                              f"[0, num_classes={self.num_classes}) for SOFTMAX")
@@ -559,13 +559,15 @@ class MultiBoxLoss(Layer):
         gradient; the loss is in the dtype of ``loc``/``conf``, and its autograd gradients are
         Caffe's backward (including its quirk with ``encode_variance_in_target``, where the
         gradient w.r.t. ``pred / variance`` is written unscaled to ``mbox_loc``).
+        Three host syncs, each a count Caffe needs: the padded object count (with the label
+        checks), the matched priors and the largest number of negatives.
         """
         p = self.param
         n, k, c, nl = loc.shape[0], self.num_priors, self.num_classes, self.loc_classes
-        priors = prior[0, 0].detach().float().view(k, 4)
-        variances = prior[0, 1].detach().float().view(k, 4)
+        priors = prior[0, 0].detach().float().view(k, 4).to(loc.device)
+        variances = prior[0, 1].detach().float().view(k, 4).to(loc.device)
         max_label = None if p.map_object_to_agnostic else c
-        gt = read_ground_truth(self, label, n, p.use_difficult_gt, max_label=max_label)
+        gt = read_ground_truth(self, label.to(loc.device), n, p.use_difficult_gt, max_label=max_label)
         loc4 = loc.view(n, k, nl, 4).transpose(1, 2)                       # [N, L, K, 4]
         conf3 = conf.view(n, k, c)
         decoded = None
