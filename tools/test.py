@@ -1,0 +1,12 @@
+#!/usr/bin/env python3
+"""Evaluate a test net: mAP, per-class and per-size AP, PR curve, detection speed, results.json;
+a thin wrapper over ``deeper-ssd test``."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from deeper_ssd.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main(["test"] + sys.argv[1:]))

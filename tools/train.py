@@ -1,0 +1,12 @@
+#!/usr/bin/env python3
+"""Caffe's ``caffe train``: --solver S [--weights A.caffemodel[,B]] [--snapshot X.solverstate]
+[--device cpu|cuda] [--gpus 0,1,...]; a thin wrapper over ``deeper-ssd train``."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from deeper_ssd.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main(["train"] + sys.argv[1:]))
