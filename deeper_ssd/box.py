@@ -20,7 +20,7 @@ import torch
 
 __all__ = ["CORNER", "CENTER_SIZE", "CORNER_SIZE", "CODE_NAMES", "box_area", "pairwise_iou",
            "is_cross_boundary", "encode", "decode", "match", "greedy_nms",
-           "descending_rank", "select_top", "clip", "to_image_pixels"]
+           "top_candidates", "select_top", "positions_mask", "clip", "to_image_pixels"]
 
 #: PriorBoxParameter.CodeType values (note: they start at 1)
 CORNER, CENTER_SIZE, CORNER_SIZE = 1, 2, 3
@@ -41,13 +41,18 @@ def box_area(boxes: torch.Tensor, pixel: bool = False) -> torch.Tensor:
     return torch.where(inverted, torch.zeros_like(w), w * h)
 
 
-def _iou(a: torch.Tensor, b: torch.Tensor, area_a: torch.Tensor, area_b: torch.Tensor,
-         pixel: bool) -> torch.Tensor:
-    """JaccardOverlap of broadcast-compatible ``[..., 4]`` boxes with ``[...]`` (cached) areas.
+def _corners(boxes: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    """``xmin, ymin, xmax, ymax`` of ``[..., 4]`` boxes as four contiguous ``[...]`` tensors."""
+    return tuple(c.contiguous() for c in boxes.unbind(-1))
+
+
+def _iou(a, b, area_a: torch.Tensor, area_b: torch.Tensor, pixel: bool) -> torch.Tensor:
+    """JaccardOverlap of broadcast-compatible boxes given as :func:`_corners` tuples, with
+    ``[...]`` (cached) areas.
 
     Geometry only: no autograd (temporaries are updated in place, which also keeps this fast)."""
-    ax1, ay1, ax2, ay2 = (c.contiguous() for c in a.unbind(-1))
-    bx1, by1, bx2, by2 = (c.contiguous() for c in b.unbind(-1))
+    ax1, ay1, ax2, ay2 = a
+    bx1, by1, bx2, by2 = b
     iw = torch.minimum(ax2, bx2)
     scratch = torch.maximum(ax1, bx1)
     iw.sub_(scratch)
@@ -79,7 +84,8 @@ def pairwise_iou(a: torch.Tensor, b: torch.Tensor, pixel: bool = False,
     """
     area_a = box_area(a, pixel) if area_a is None else area_a
     area_b = box_area(b, pixel) if area_b is None else area_b
-    return _iou(a.unsqueeze(-2), b.unsqueeze(-3), area_a.unsqueeze(-1), area_b.unsqueeze(-2), pixel)
+    return _iou(_corners(a.unsqueeze(-2)), _corners(b.unsqueeze(-3)), area_a.unsqueeze(-1),
+                area_b.unsqueeze(-2), pixel)
 
 
 def is_cross_boundary(boxes: torch.Tensor) -> torch.Tensor:
@@ -194,11 +200,16 @@ def to_image_pixels(boxes: torch.Tensor, height: int, width: int, resize=None):
 # ---------------------------------------------------------------------------------------------
 # matching
 
+_NO_KEY = torch.iinfo(torch.int64).min
+
+
 def _sortable_key(values: torch.Tensor, index_of_max_priority: torch.Tensor) -> torch.Tensor:
-    """int64 keys ordering non-negative float32 ``values`` descending and, on equal values, the
-    smaller ``index_of_max_priority`` (``< 2**31``) first: ``bits(value) << 32 | ~index``."""
-    bits = values.float().contiguous().view(torch.int32).long()
-    return (bits << 32) | (0x7FFFFFFF - index_of_max_priority)
+    """int64 keys ordering float32 ``values`` descending and, on equal values, the smaller
+    ``index_of_max_priority`` (``< 2**31``) first: ``ordered_bits(value) << 32 | ~index``.
+    -0.0 counts as +0.0, as in a float comparison."""
+    bits = (values.float() + 0.0).contiguous().view(torch.int32)
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)               # monotone for negative floats too
+    return (ordered.long() << 32) | (0x7FFFFFFF - index_of_max_priority)
 
 
 def _key_index(key: torch.Tensor) -> torch.Tensor:
@@ -206,7 +217,8 @@ def _key_index(key: torch.Tensor) -> torch.Tensor:
 
 
 def _key_value(key: torch.Tensor) -> torch.Tensor:
-    return (key >> 32).int().view(torch.float32)
+    ordered = (key >> 32).int()
+    return (ordered ^ ((ordered >> 31) & 0x7FFFFFFF)).view(torch.float32)
 
 
 def _best_candidates(iou: torch.Tensor, count: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -292,31 +304,38 @@ def match(iou: torch.Tensor, gt_valid: Optional[torch.Tensor], ignored: Optional
 # ---------------------------------------------------------------------------------------------
 # ranking, selection and NMS
 
-def descending_rank(scores: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Stable descending sort along the last axis: ``(order, rank)`` where ``order`` lists
-    positions by score (ties: lower position first) and ``rank[order[i]] = i``."""
-    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
-    rank = torch.empty_like(order)
-    rank.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
-    return order, rank
+def top_candidates(scores: torch.Tensor, candidates: torch.Tensor, count: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The ``count`` best candidates of every row of ``scores [..., K]`` (float32 comparison),
+    ordered by score descending and, on equal scores, by position ascending (a stable sort).
+
+    Returns ``positions [..., count]`` and ``valid [..., count]`` (False past a row's last
+    candidate). A top-k over exact int64 keys: cheaper than sorting whole rows."""
+    k = scores.shape[-1]
+    count = min(count, k)
+    keys = _sortable_key(scores, torch.arange(k, device=scores.device))
+    keys = keys.masked_fill_(~candidates, _NO_KEY).topk(count, dim=-1).values
+    valid = keys != _NO_KEY
+    return torch.where(valid, _key_index(keys), torch.zeros_like(keys)), valid
 
 
 def select_top(scores: torch.Tensor, candidates: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-    """The ``count[b]`` highest-scoring candidates of each row (ties: lower position first).
+    """Mask of the ``count[b]`` best candidates of each row (ties: lower position first).
 
-    ``scores [B, K]`` non-negative, ``candidates [B, K]`` bool, ``count [B]`` int -> ``[B, K]``
-    bool mask. One host sync: the largest count (a top-k over exact int64 keys, cheaper than
-    sorting every row)."""
+    ``scores [B, K]``, ``candidates [B, K]`` bool, ``count [B]`` int -> ``[B, K]`` bool.
+    One host sync: the largest count."""
     b, k = scores.shape
     most = min(int(count.max()), k) if b else 0
     if most == 0:
         return torch.zeros_like(candidates)
-    keys = _sortable_key(scores + 0.0, torch.arange(k, device=scores.device))    # -0.0 -> +0.0
-    keys = keys.masked_fill_(~candidates, -1).topk(most, dim=-1).values
-    take = (keys >= 0) & (torch.arange(most, device=scores.device) < count.unsqueeze(-1))
-    slot = torch.where(take, _key_index(keys), torch.full_like(keys, k))          # k: discarded
-    chosen = torch.zeros(b, k + 1, dtype=torch.bool, device=scores.device)
-    return chosen.scatter_(1, slot, True)[:, :k]
+    positions, valid = top_candidates(scores, candidates, most)
+    return positions_mask(positions, valid & (torch.arange(most, device=scores.device) < count.unsqueeze(-1)), k)
+
+
+def positions_mask(positions: torch.Tensor, valid: torch.Tensor, size: int) -> torch.Tensor:
+    """``[B, size]`` bool mask that is True at the ``positions [B, M]`` where ``valid``."""
+    slot = torch.where(valid, positions, torch.full_like(positions, size))        # size: discarded
+    mask = torch.zeros(positions.shape[0], size + 1, dtype=torch.bool, device=positions.device)
+    return mask.scatter_(1, slot, True)[:, :size]
 
 
 def greedy_nms(boxes: torch.Tensor, valid: torch.Tensor, threshold: float, eta: float = 1.0) -> torch.Tensor:
@@ -326,15 +345,17 @@ def greedy_nms(boxes: torch.Tensor, valid: torch.Tensor, threshold: float, eta: 
     ``valid [B, M]`` marks real candidates. A candidate is kept when its IoU with every box kept
     before it is ``<= `` the current threshold; after each kept box the threshold of that problem
     is multiplied by ``eta`` while it is above 0.5 (adaptive NMS, ``eta < 1``).
-    Returns ``keep [B, M]`` bool.
+    Returns ``keep [B, M]`` bool. The candidates are walked in order (M steps, each vectorised
+    over the B problems and the candidates before it).
     """
     b, m, _ = boxes.shape
     keep = torch.zeros(b, m, dtype=torch.bool, device=boxes.device)
     thr = torch.full((b,), float(threshold), dtype=boxes.dtype, device=boxes.device)
     areas = box_area(boxes)
+    corners = _corners(boxes)                                   # [B, M] each; slices are views
     for i in range(m):
-        box = boxes[:, i:i + 1]
-        iou = _iou(box, boxes[:, :i], areas[:, i:i + 1], areas[:, :i], pixel=False)
+        iou = _iou(tuple(c[:, i:i + 1] for c in corners), tuple(c[:, :i] for c in corners),
+                   areas[:, i:i + 1], areas[:, :i], pixel=False)
         suppressed = (keep[:, :i] & (iou > thr.unsqueeze(-1))).any(-1)
         kept = valid[:, i] & ~suppressed
         keep[:, i] = kept

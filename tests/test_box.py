@@ -179,10 +179,13 @@ def test_match_more_objects_than_priors():
     assert min(idx[0].tolist()) >= 0
 
 
-def test_select_top_and_rank_ties():
-    scores = torch.tensor([1.0, 3.0, 3.0, 2.0, 3.0])
-    order, rank = box.descending_rank(scores)
-    assert order.tolist() == [1, 2, 4, 3, 0] and rank.tolist() == [4, 0, 1, 3, 2]
+def test_top_candidates_and_select_top_ties():
+    scores = torch.tensor([[1.0, 3.0, 3.0, 2.0, 3.0, -1.0, -0.0, 0.0, -2.0]])
+    order, valid = box.top_candidates(scores, torch.ones_like(scores, dtype=torch.bool), 9)
+    assert order[0].tolist() == [1, 2, 4, 3, 0, 6, 7, 5, 8] and valid.all()      # stable, -0 == +0
+    order, valid = box.top_candidates(scores, scores > 1.5, 5)
+    assert order[0, :4].tolist() == [1, 2, 4, 3] and valid[0].tolist() == [True] * 4 + [False]
+    scores = scores[:, :5]
     chosen = box.select_top(scores.view(1, -1), torch.tensor([[True, True, False, True, True]]),
                             torch.tensor([2]))
     assert chosen[0].tolist() == [False, True, False, False, True]

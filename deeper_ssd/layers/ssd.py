@@ -328,25 +328,26 @@ class DetectionOutput(Layer):
         detections ``[1, 1, D, 7]`` in conf's dtype.
 
         Per image and non-background class: candidates with score strictly above
-        ``confidence_threshold``, the ``top_k`` best (stable sort: ties keep the lower prior
-        first, like Caffe's CPU path), greedy NMS keeping IoU <= the (eta-adaptive) threshold;
-        then at most ``keep_top_k`` per image across classes by score (ties: lower class, then
-        NMS order; Caffe's unstable std::sort leaves that open). Rows are ordered by image,
-        class, then NMS order; boxes are decoded in float32 and not clipped. With no detection
-        in the whole batch, one ``[i, -1, -1, -1, -1, -1, -1]`` row per image.
+        ``confidence_threshold``, the ``top_k`` best (ties keep the lower prior first, like
+        Caffe's stable CPU sort), greedy NMS keeping IoU <= the (eta-adaptive) threshold; then
+        at most ``keep_top_k`` per image across classes by score (ties: lower class, then NMS
+        order; Caffe's unstable std::sort leaves that open). Rows are ordered by image, class,
+        then NMS order; boxes are decoded in float32 and not clipped. With no detection in the
+        whole batch, one ``[i, -1, -1, -1, -1, -1, -1]`` row per image. Two host syncs: the
+        candidate count and the number of rows.
         """
-        detections, _ = self.detect(loc, conf, prior)
+        detections = self._detect(loc, conf, prior)
         if self.saver is not None:
             self.saver.add(detections, loc.shape[0])
         return detections
 
-    def detect(self, loc, conf, prior):
-        """:meth:`forward` plus the kept prior index of every row (``[D]``, -1 for a filler row)."""
+    def _detect(self, loc, conf, prior):
         n, k, c, nl = loc.shape[0], self.num_priors, self.num_classes, self.loc_classes
         device = conf.device
-        priors = prior[0, 0].detach().float().view(k, 4)
-        variances = prior[0, 1].detach().float().view(k, 4)
-        boxes = box.decode(priors.unsqueeze(1), variances.unsqueeze(1), loc.detach().float().view(n, k, nl, 4),
+        priors = prior[0, 0].detach().float().view(k, 4).to(device)
+        variances = prior[0, 1].detach().float().view(k, 4).to(device)
+        boxes = box.decode(priors.unsqueeze(1), variances.unsqueeze(1),
+                           loc.detach().float().view(n, k, nl, 4).to(device),
                            self.code_type, self.variance_encoded_in_target)          # [N, K, L, 4]
         classes = torch.tensor([x for x in range(c) if x != self.background_label_id],
                                dtype=torch.long, device=device)
@@ -355,27 +356,25 @@ class DetectionOutput(Layer):
         limit = k if self.top_k < 0 else min(self.top_k, k)
         m = min(limit, int(candidate.sum(-1).max())) if len(classes) else 0         # host sync
         if m == 0:
-            return self._no_detection(n, conf.dtype, device), torch.full((n,), -1, device=device)
-        masked = torch.where(candidate, scores, torch.full_like(scores, -float("inf")))
-        order = torch.sort(masked, dim=-1, descending=True, stable=True).indices[..., :m]
-        cand_score = masked.gather(-1, order)                                       # [N, C', M]
-        valid = candidate.gather(-1, order)
-        loc_class = torch.zeros_like(classes) if self.share_location else classes
-        class_boxes = boxes.permute(0, 2, 1, 3)[:, loc_class]                        # [N, C', K, 4]
-        cand_boxes = class_boxes.gather(2, order.unsqueeze(-1).expand(*order.shape, 4))
+            return self._no_detection(n, conf.dtype, device)
+        order, valid = box.top_candidates(scores, candidate, m)                     # [N, C', M]
+        cand_score = scores.gather(-1, order)
         nc = len(classes)
+        image = torch.arange(n, device=device).view(n, 1, 1)
+        loc_class = (torch.zeros_like(classes) if self.share_location else classes).view(1, nc, 1)
+        cand_boxes = boxes[image, order, loc_class]                                  # [N, C', M, 4]
         keep = box.greedy_nms(cand_boxes.view(n * nc, m, 4), valid.view(n * nc, m),
                               self.nms_threshold, self.eta).view(n, nc, m)
         if self.keep_top_k > -1:
-            kept_score = torch.where(keep, cand_score, torch.full_like(cand_score, -float("inf")))
-            _, rank = box.descending_rank(kept_score.view(n, nc * m))
-            keep &= (rank < self.keep_top_k).view(n, nc, m)
+            best, chosen = box.top_candidates(cand_score.view(n, nc * m), keep.view(n, nc * m),
+                                              self.keep_top_k)
+            keep = box.positions_mask(best, chosen, nc * m).view(n, nc, m)
         image, cls, pos = keep.nonzero(as_tuple=True)                               # host sync
         if image.numel() == 0:
-            return self._no_detection(n, conf.dtype, device), torch.full((n,), -1, device=device)
+            return self._no_detection(n, conf.dtype, device)
         rows = torch.cat([torch.stack([image.float(), classes[cls].float(), cand_score[image, cls, pos]], 1),
                           cand_boxes[image, cls, pos]], dim=1)
-        return rows.to(conf.dtype).view(1, 1, -1, 7), order[image, cls, pos]
+        return rows.to(conf.dtype).view(1, 1, -1, 7)
 
     @staticmethod
     def _no_detection(n, dtype, device):
@@ -745,14 +744,14 @@ class MultiBoxLoss(Layer):
         greedy NMS; the first ``count`` survivors are selected."""
         nms = self.param.nms_param
         n, k = score.shape
-        order, _ = box.descending_rank(torch.where(eligible, score, torch.full_like(score, -float("inf"))))
-        order = order[:, :min(max(nms.top_k, 0), k)]
-        valid = eligible.gather(1, order)
+        if nms.top_k <= 0:
+            return torch.zeros_like(eligible)
+        order, valid = box.top_candidates(score, eligible, nms.top_k)
         cand = boxes.gather(1, order.unsqueeze(-1).expand(*order.shape, 4))
         valid &= box.box_area(cand) >= 1e-5
         keep = box.greedy_nms(cand, valid, nms.nms_threshold)
         chosen = keep & (keep.long().cumsum(1) <= count.unsqueeze(1))
-        return torch.zeros_like(eligible).scatter(1, order, chosen)
+        return box.positions_mask(order, chosen, k)
 
     def _normalizer(self, n, k, num_matches, dtype):
         """LossLayer::GetNormalizer, at least 1."""
