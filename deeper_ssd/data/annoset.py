@@ -521,9 +521,40 @@ def write_name_size_file(root: PathLike, list_file: PathLike, out_path: PathLike
 # ---------------------------------------------------------------------------------------------
 # reading a database
 
+#: read-only environments open in this process, keyed by (path, data.mdb inode, pid): LMDB
+#: allows one environment per file and process, so readers of one database share it
+_SHARED: Dict[Tuple[str, int, int], list] = {}
+
+
+def _open_shared(path: str) -> list:
+    key = (os.path.realpath(path), os.stat(os.path.join(path, "data.mdb")).st_ino, os.getpid())
+    handle = _SHARED.get(key)
+    if handle is None:
+        try:
+            env = lmdb.open(path, readonly=True, lock=False, readahead=False, subdir=True,
+                            max_readers=512)
+        except lmdb.Error:
+            # a forked child may not reopen what its parent still holds: use the inherited
+            # read-only, lock-free environment (its map is shared read-only)
+            env = next((h[0] for k, h in _SHARED.items() if k[:2] == key[:2]), None)
+            if env is None:
+                raise
+        handle = _SHARED[key] = [env, 0, key]
+    handle[1] += 1
+    return handle
+
+
+def _release_shared(handle: list) -> None:
+    handle[1] -= 1
+    if handle[1] == 0 and _SHARED.get(handle[2]) is handle:
+        del _SHARED[handle[2]]
+        handle[0].close()
+
+
 class AnnotatedDB:
     """Read-only access to an annotated LMDB: keys in key (= reading) order, raw values and
-    parsed AnnotatedDatum records. Safe to use from one process; open a new one after fork."""
+    parsed AnnotatedDatum records. Readers of one database in one process share its LMDB
+    environment; open a new AnnotatedDB after a fork."""
 
     def __init__(self, path: PathLike, what: str = "LMDB"):
         self.path = str(path)
@@ -531,10 +562,10 @@ class AnnotatedDB:
             state = "does not exist" if not os.path.exists(self.path) else "is not an LMDB (no data.mdb)"
             raise AnnosetError(f"{what} {self.path} {state}")
         try:
-            self.env = lmdb.open(self.path, readonly=True, lock=False, readahead=False,
-                                 subdir=True, max_readers=512)
+            self._handle = _open_shared(self.path)
         except lmdb.Error as err:
             raise AnnosetError(f"{what} {self.path}: cannot open: {err}") from None
+        self.env = self._handle[0]
         self._keys: Optional[List[bytes]] = None
 
     def keys(self) -> List[bytes]:
@@ -562,7 +593,9 @@ class AnnotatedDB:
             yield from txn.cursor()
 
     def close(self) -> None:
-        self.env.close()
+        if self._handle is not None:
+            _release_shared(self._handle)
+            self._handle = None
 
 
 def parse_record(value: bytes, where: str) -> caffe_pb2.AnnotatedDatum:

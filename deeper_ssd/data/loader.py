@@ -68,6 +68,12 @@ class AnnotatedBatches(torch.utils.data.Dataset):
         self._db: Optional[AnnotatedDB] = None
         self._pid = -1
 
+    def release(self) -> None:
+        """Close this process's handle on the database (reopened on the next read)."""
+        if self._db is not None and self._pid == os.getpid():
+            self._db.close()
+        self._db, self._pid = None, -1
+
     def _database(self) -> AnnotatedDB:
         if self._pid != os.getpid():       # an LMDB environment must not cross a fork
             self._db = AnnotatedDB(self.db_path, f"{self.where}: LMDB")
@@ -134,8 +140,19 @@ class _BatchIndices(torch.utils.data.Sampler):
 
 
 def _init_worker(_worker_id: int) -> None:
-    cv2.setNumThreads(1)
     torch.set_num_threads(1)
+
+
+def _start_workers(loader: torch.utils.data.DataLoader):
+    """``iter(loader)`` with OpenCV single-threaded while the workers are forked: the children
+    inherit that setting (calling cv2.setNumThreads in a forked child whose parent used
+    OpenCV's thread pool deadlocks), the caller keeps its own."""
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        return iter(loader)
+    finally:
+        cv2.setNumThreads(threads)
 
 
 @dataclass
@@ -182,7 +199,7 @@ class BatchLoader:
         """The next batch ``(data, label)``; the wait is recorded in :attr:`timing`. A record
         that cannot be read or transformed raises TransformError naming it."""
         if self._iter is None:
-            self._iter = iter(self._loader)
+            self._iter = _start_workers(self._loader) if self._loader.num_workers else iter(self._loader)
         start = time.perf_counter()
         batch = next(self._iter)
         if isinstance(batch, _Failure):
@@ -197,3 +214,4 @@ class BatchLoader:
         iterator, self._iter = self._iter, None
         if iterator is not None and hasattr(iterator, "_shutdown_workers"):
             iterator._shutdown_workers()
+        self.dataset.release()

@@ -526,6 +526,11 @@ class SSDTransformer:
         if not (self.crop_hw[0] > 0 and self.crop_hw[1] > 0):
             self.crop_hw = None
 
+    def __reduce__(self):
+        """Pickle through serialized messages (worker processes receive the transformer)."""
+        return (_transformer_from_bytes, (self.param.SerializeToString(), self.phase,
+                                          [b.SerializeToString() for b in self.batch_samplers]))
+
     @property
     def mean_blob(self) -> Optional[np.ndarray]:
         """The mean_file blob as C x H x W float32 (read on first use), or None."""
@@ -774,3 +779,8 @@ class SSDTransformer:
             if boxes:
                 sample = self.crop(sample, boxes[int(rng.integers(len(boxes)))])
         return self.transform(sample, rng)
+
+
+def _transformer_from_bytes(param: bytes, phase: int, samplers: Sequence[bytes]) -> SSDTransformer:
+    return SSDTransformer(caffe_pb2.TransformationParameter.FromString(param), phase,
+                          [caffe_pb2.BatchSampler.FromString(b) for b in samplers])
