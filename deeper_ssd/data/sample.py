@@ -194,7 +194,7 @@ def make_sample_set(out: Path, seed: int = 0, train: int = 300, test: int = 100,
     start = time.perf_counter()
     out = Path(out)
     backgrounds = Path(backgrounds) if backgrounds else default_backgrounds_dir()
-    labelmap = Path(labelmap) if labelmap else backgrounds.parents[1] / "labelmap_drone.prototxt"
+    labelmap = Path(labelmap) if labelmap else default_backgrounds_dir().parents[1] / "labelmap_drone.prototxt"
     if not labelmap.is_file():
         raise FileNotFoundError(f"{labelmap}: label map not found")
     photos = [cv2.imread(str(p), cv2.IMREAD_COLOR) for p in sorted(backgrounds.glob("*.jpg"))]
