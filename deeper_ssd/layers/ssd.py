@@ -31,7 +31,6 @@ from ..proto import caffe_pb2
 from .base import Layer, Shape, count, format_shape
 from .registry import register
 
-_PB = caffe_pb2.PriorBoxParameter
 _MBL = caffe_pb2.MultiBoxLossParameter
 _LOSS = caffe_pb2.LossParameter
 
@@ -272,6 +271,20 @@ def read_ground_truth(layer: Layer, label: torch.Tensor, num_images: int, keep_d
                        scatter(difficult, False, torch.bool), scatter(keep, False, torch.bool))
 
 
+def read_name_sizes(layer: Layer, path: str) -> Tuple[List[str], List[Tuple[int, int]]]:
+    """Names and ``(height, width)`` of a name/size file ("name height width" per line), as
+    Caffe reads it (whitespace-separated triples); an unreadable or empty file names the layer."""
+    try:
+        with open(path) as handle:
+            words = handle.read().split()
+        triples = [(words[i], int(words[i + 1]), int(words[i + 2])) for i in range(0, len(words) - 2, 3)]
+    except (OSError, ValueError) as err:
+        raise layer.error(f"cannot read name_size_file '{path}': {err}") from None
+    if not triples:
+        raise layer.error(f"name_size_file '{path}' has no 'name height width' line")
+    return [name for name, _, _ in triples], [(h, w) for _, h, w in triples]
+
+
 def _check_nms(nms: caffe_pb2.NonMaximumSuppressionParameter) -> None:
     if not nms.nms_threshold >= 0:
         raise ValueError(f"nms_threshold must be non negative, got {nms.nms_threshold}")
@@ -418,13 +431,10 @@ class ResultWriter:
         p = self.param
         try:
             labelmap = io.read_labelmap(p.label_map_file)
-            with open(p.name_size_file) as handle:
-                words = handle.read().split()
         except (OSError, io.CaffeFormatError) as err:
             raise self.layer.error(f"save_output_param: {err}") from None
         self.label_names = {item.label: item.name for item in labelmap.item}
-        self.names = words[0::3][:len(words) // 3]
-        self.sizes = [(int(h), int(w)) for h, w in zip(words[1::3], words[2::3])]
+        self.names, self.sizes = read_name_sizes(self.layer, p.name_size_file)
         self.num_test_image = p.num_test_image if p.HasField("num_test_image") else len(self.names)
         if not 0 < self.num_test_image <= len(self.names):
             raise self.layer.error(f"save_output_param: num_test_image {self.num_test_image} must be in "
@@ -895,13 +905,5 @@ class DetectionEvaluate(Layer):
     def _image_sizes(self) -> List[Tuple[int, int]]:
         """``(height, width)`` per line of name_size_file ("name height width"), read once."""
         if self._sizes is None:
-            try:
-                with open(self.name_size_file) as handle:
-                    words = handle.read().split()
-            except OSError as err:
-                raise self.error(f"cannot read name_size_file '{self.name_size_file}': {err.strerror}") from None
-            sizes = [(int(words[i + 1]), int(words[i + 2])) for i in range(0, len(words) - 2, 3)]
-            if not sizes:
-                raise self.error(f"name_size_file '{self.name_size_file}' has no 'name height width' line")
-            self._sizes = sizes
+            self._sizes = read_name_sizes(self, self.name_size_file)[1]
         return self._sizes
