@@ -179,14 +179,38 @@ out["priors"] = net.blobs["mbox_priorbox"].data.copy()
     np.testing.assert_array_equal(ours, out["priors"])   # bit-exact
 
 
-def test_priors_match_opencv_on_integer_sizes(reference_dir):
-    """OpenCV's importer is right for integer prior sizes (it ignores the truncation)."""
+# SSD300's prior layers (ssd_pascal.py), for the peer test that needs no reference folder
+SSD300_SOURCES = [(38, "min_size: 30 max_size: 60 aspect_ratio: 2 step: 8"),
+                  (19, "min_size: 60 max_size: 111 aspect_ratio: 2 aspect_ratio: 3 step: 16"),
+                  (10, "min_size: 111 max_size: 162 aspect_ratio: 2 aspect_ratio: 3 step: 32"),
+                  (5, "min_size: 162 max_size: 213 aspect_ratio: 2 aspect_ratio: 3 step: 64"),
+                  (3, "min_size: 213 max_size: 264 aspect_ratio: 2 step: 100"),
+                  (1, "min_size: 264 max_size: 315 aspect_ratio: 2 step: 300")]
+
+
+def test_priors_match_opencv_on_integer_sizes():
+    """OpenCV's importer is right for integer prior sizes (it ignores the truncation). Its
+    PriorBox clips unless told otherwise (Caffe's default is clip: false), so the layers say it,
+    as SSD's prototxts do."""
     cv2 = pytest.importorskip("cv2")
-    plan, layers = _prior_layers(reference_dir, "ssd300_official")
-    text, inputs = _isolated_priorbox_net(layers)
+    layers = ['layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 '
+              'dim: 300 dim: 300 } } }']
+    for i, (size, params) in enumerate(SSD300_SOURCES):
+        layers.append(f'layer {{ name: "f{i}" type: "Input" top: "f{i}" input_param {{ shape {{ dim: 1 '
+                      f'dim: 1 dim: {size} dim: {size} }} }} }}')
+        layers.append(f'layer {{ name: "p{i}" type: "PriorBox" bottom: "f{i}" bottom: "data" top: "p{i}" '
+                      f'prior_box_param {{ {params} clip: false variance: 0.1 variance: 0.1 '
+                      f'variance: 0.2 variance: 0.2 }} }}')
+    layers.append('layer { name: "mbox_priorbox" type: "Concat" '
+                  + " ".join(f'bottom: "p{i}"' for i in range(6)) + ' top: "mbox_priorbox" concat_param { axis: 2 } }')
+    text = "\n".join(layers)
+    plan = shapes.plan_net(io.parse_text(text, caffe_pb2.NetParameter()), caffe_pb2.TEST, device="meta")
+    steps = [(step, [plan.blob_shapes[b] for b in step.bottoms]) for step in plan.layers
+             if step.layer.caffe_type == "PriorBox"]
     net = cv2.dnn.readNetFromCaffe(bytearray(text.encode()))
-    for name in inputs:
+    for name in ["data"] + [f"f{i}" for i in range(6)]:
         net.setInput(np.zeros(plan.blob_shapes[name], np.float32), name)
     theirs = net.forward("mbox_priorbox")
-    ours = _all_priors(plan, layers).numpy()
+    ours = _all_priors(plan, steps).numpy()
+    assert ours.shape == (1, 2, 4 * 8732)
     np.testing.assert_allclose(ours, theirs.reshape(ours.shape), atol=2e-6)
