@@ -273,3 +273,54 @@ def test_create_annoset_tool_is_a_drop_in(root):
                            str(root / "list.txt"), str(root / "db")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "1 records, 19 objects" in proc.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# records written by real Caffe's converter code path (ReadRichImageToAnnotatedDatum of the
+# oracle's libcaffe, compiled once into the oracle's /tmp) against ours
+
+CONVERTER = (Path(__file__).resolve().parent / "oracle_src" / "convert_annoset_records.cpp").read_text()
+COMPILE = ("g++ -O1 -std=c++11 -DCPU_ONLY -DUSE_OPENCV -include /opt/brocolli/opencv4_compat.h "
+           "-I/opt/brocolli/.temp_release/src -I/opt/brocolli/include -I/usr/include/opencv4 "
+           "-I/usr/include/hdf5/serial convert.cpp -o {binary} -L/opt/brocolli/.temp_release/lib "
+           "-Wl,-rpath,/opt/brocolli/.temp_release/lib -lcaffe -lglog -lprotobuf -lboost_system "
+           "-lopencv_core -lopencv_imgcodecs -lopencv_imgproc")
+
+
+def test_records_match_caffes_converter(oracle, tmp_path):
+    import hashlib
+    root = tmp_path / "root"
+    root.mkdir()
+    shutil.copy(FIXTURES / "voc_dining.jpg", root / "a.jpg")
+    shutil.copy(FIXTURES / "voc_dining.xml", root / "a.xml")
+    (root / "b.xml").write_text("<annotation><size><width>500</width><height>375</height></size>"
+                                "<object><name>dog</name><difficult>1</difficult><bndbox><xmin>10</xmin>"
+                                "<ymin>20</ymin><xmax>200</xmax><ymax>300</ymax></bndbox></object></annotation>")
+    (root / "list.txt").write_text("a.jpg a.xml\na.jpg b.xml\n")
+    variants = {"jpg": ("jpg", 1, 0, 0), "png": ("png", 1, 0, 0), "raw": ("", 1, 0, 0),
+                "resized": ("jpg", 1, 200, 250), "gray": ("png", 0, 0, 0)}
+    binary = f"/tmp/deeper_ssd_convert_{hashlib.sha1(CONVERTER.encode()).hexdigest()[:12]}"
+    lines = [f"if not os.path.exists({binary!r}):",
+             f"    assert os.system({COMPILE.format(binary=binary)!r}) == 0, 'compiling the converter failed'"]
+    for name, (enc, color, rh, rw) in variants.items():
+        lines += [f"os.makedirs('{name}')",
+                  f"assert os.system('{binary} root/ root/list.txt labelmap.prototxt \"{enc}\" {color} {rh} {rw} {name}') == 0",
+                  f"for i in range(2): out['{name}_%d' % i] = np.frombuffer(open('{name}/rec_%d.bin' % i, 'rb').read(), np.uint8)"]
+    files = {"convert.cpp": CONVERTER, "labelmap.prototxt": LABELMAP.read_text(),
+             "root/a.jpg": root / "a.jpg", "root/a.xml": root / "a.xml", "root/b.xml": root / "b.xml",
+             "root/list.txt": (root / "list.txt").read_text()}
+    caffe = oracle.run("\n".join(lines), files)
+    for name, (enc, color, rh, rw) in variants.items():
+        options = detection(encode_type=enc, encoded=bool(enc), gray=not color,
+                            resize_height=rh, resize_width=rw)
+        build_annoset(root, root / "list.txt", root / name, options)
+        ours_records = records(root / name)
+        assert len(ours_records) == 2
+        for i, (_, ours) in enumerate(ours_records):
+            theirs = caffe_pb2.AnnotatedDatum.FromString(caffe[f"{name}_{i}"].tobytes())
+            if name in ("jpg", "gray") and not theirs.datum.HasField("height"):
+                # the oracle's fork stores the original file without channels/height/width;
+                # weiliu89's ssd branch (followed here) fills them from the decoded image
+                for field in ("channels", "height", "width"):
+                    ours.datum.ClearField(field)
+            assert ours.SerializeToString() == theirs.SerializeToString(), f"{name} record {i}"
