@@ -133,7 +133,7 @@ def test_key_order_is_list_order_and_skipped_lines_consume_their_index(root):
 
 
 def test_shuffle_is_seeded(root):
-    (root / "list.txt").write_text("".join(f"img.jpg img.xml\n" for _ in range(6)))
+    (root / "list.txt").write_text("img.jpg img.xml\n" * 6)
     for name in ("a", "b"):
         build_annoset(root, root / "list.txt", root / name, detection(shuffle=True, seed=3))
     assert [k for k, _ in records(root / "a")] == [k for k, _ in records(root / "b")]

@@ -9,7 +9,6 @@ import pytest
 from google.protobuf import text_format
 
 from deeper_ssd.data.annoset import ConvertOptions, build_annoset
-from deeper_ssd.data import transforms as T
 from deeper_ssd.layers import LayerError, registry
 from deeper_ssd.proto import caffe_pb2
 

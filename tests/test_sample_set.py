@@ -59,7 +59,7 @@ def test_size_distribution_follows_table_2(sample):
 def test_same_seed_same_files(tmp_path):
     a = make_sample_set(tmp_path / "a", seed=4, train=6, test=2)
     b = make_sample_set(tmp_path / "b", seed=4, train=6, test=2)
-    c = make_sample_set(tmp_path / "c", seed=5, train=6, test=2)
+    make_sample_set(tmp_path / "c", seed=5, train=6, test=2)
     for name in ("JPEGImages/trainval_00003.jpg", "Annotations/trainval_00003.xml", "test.txt"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     assert (tmp_path / "a/JPEGImages/trainval_00003.jpg").read_bytes() != \

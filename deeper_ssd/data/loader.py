@@ -24,7 +24,6 @@ import cv2
 import numpy as np
 import torch
 
-from ..proto import caffe_pb2
 from .annoset import AnnosetError, AnnotatedDB, parse_record
 from .transforms import SSDTransformer, TransformError, sample_from_datum
 

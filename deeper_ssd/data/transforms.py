@@ -150,6 +150,17 @@ def _clip(boxes: np.ndarray) -> np.ndarray:
     return np.clip(boxes, f32(0), f32(1)).astype(f32)
 
 
+def _pairwise_intersection(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IntersectBBox of every row of ``a`` (T x 4) with every row of ``b`` (N x 4): T x N x 4,
+    all-zero where disjoint (strict comparisons)."""
+    a, b = a[:, None, :], b[None, :, :]
+    inter = np.concatenate([np.maximum(a[..., :2], b[..., :2]), np.minimum(a[..., 2:], b[..., 2:])], axis=-1)
+    disjoint = ((b[..., 0] > a[..., 2]) | (b[..., 2] < a[..., 0]) |
+                (b[..., 1] > a[..., 3]) | (b[..., 3] < a[..., 1]))
+    inter[disjoint] = 0
+    return inter.astype(f32)
+
+
 def meet_emit_constraint(src: np.ndarray, boxes: np.ndarray,
                          emit: caffe_pb2.EmitConstraint) -> np.ndarray:
     """MeetEmitConstraint of each box against the crop ``src``: CENTER keeps a box whose
@@ -241,17 +252,6 @@ def _extrapolate_boxes(param: caffe_pb2.ResizeParameter, height: int, width: int
 
 # ---------------------------------------------------------------------------------------------
 # batch samplers (sampler.cpp)
-
-def _pairwise_intersection(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IntersectBBox of every row of ``a`` (T x 4) with every row of ``b`` (N x 4): T x N x 4,
-    all-zero where disjoint (strict comparisons)."""
-    a, b = a[:, None, :], b[None, :, :]
-    inter = np.concatenate([np.maximum(a[..., :2], b[..., :2]), np.minimum(a[..., 2:], b[..., 2:])], axis=-1)
-    disjoint = ((b[..., 0] > a[..., 2]) | (b[..., 2] < a[..., 0]) |
-                (b[..., 1] > a[..., 3]) | (b[..., 3] < a[..., 1]))
-    inter[disjoint] = 0
-    return inter.astype(f32)
-
 
 def _constraint_test(samples: np.ndarray, boxes: np.ndarray,
                      constraint: caffe_pb2.SampleConstraint) -> np.ndarray:
