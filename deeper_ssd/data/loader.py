@@ -67,6 +67,12 @@ class AnnotatedBatches(torch.utils.data.Dataset):
         self._db: Optional[AnnotatedDB] = None
         self._pid = -1
 
+    def __getstate__(self):
+        """Workers start from a fresh process (forkserver), so the database handle stays here."""
+        state = dict(self.__dict__)
+        state["_db"], state["_pid"] = None, -1
+        return state
+
     def release(self) -> None:
         """Close this process's handle on the database (reopened on the next read)."""
         if self._db is not None and self._pid == os.getpid():
@@ -139,19 +145,15 @@ class _BatchIndices(torch.utils.data.Sampler):
 
 
 def _init_worker(_worker_id: int) -> None:
-    torch.set_num_threads(1)
+    cv2.setNumThreads(1)            # one worker process = one core's worth of decoding
 
 
-def _start_workers(loader: torch.utils.data.DataLoader):
-    """``iter(loader)`` with OpenCV single-threaded while the workers are forked: the children
-    inherit that setting (calling cv2.setNumThreads in a forked child whose parent used
-    OpenCV's thread pool deadlocks), the caller keeps its own."""
-    threads = cv2.getNumThreads()
-    cv2.setNumThreads(1)
-    try:
-        return iter(loader)
-    finally:
-        cv2.setNumThreads(threads)
+def _worker_context():
+    """Workers start from the forkserver (a clean process with no thread pools of its own): a
+    plain fork of a trainer whose torch/OpenCV threads hold locks can deadlock in the child."""
+    import multiprocessing
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
 
 
 @dataclass
@@ -189,7 +191,8 @@ class BatchLoader:
         kwargs = dict(batch_size=None, sampler=_BatchIndices(start), num_workers=num_workers,
                       pin_memory=pin_memory, collate_fn=_as_is)
         if num_workers > 0:
-            kwargs.update(prefetch_factor=prefetch, worker_init_fn=_init_worker)
+            kwargs.update(prefetch_factor=prefetch, worker_init_fn=_init_worker,
+                          multiprocessing_context=_worker_context())
         self._loader = torch.utils.data.DataLoader(dataset, **kwargs)
         self._iter = None
         self.next_batch = start
@@ -198,7 +201,7 @@ class BatchLoader:
         """The next batch ``(data, label)``; the wait is recorded in :attr:`timing`. A record
         that cannot be read or transformed raises TransformError naming it."""
         if self._iter is None:
-            self._iter = _start_workers(self._loader) if self._loader.num_workers else iter(self._loader)
+            self._iter = iter(self._loader)
         start = time.perf_counter()
         batch = next(self._iter)
         if isinstance(batch, _Failure):
