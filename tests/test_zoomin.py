@@ -1,6 +1,8 @@
 """ZoomInNet: the layers (Upsample, AKDPMask, PositionAwareL2Loss) with their index conventions,
 hand-computed masks and losses and gradients into the student only; teacher weights under a
 prefix; the builder's teacher, distillation net and frozen teacher."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -13,6 +15,8 @@ from deeper_ssd.proto import caffe_pb2
 from deeper_ssd.spec import heads, ssd, zoo
 from deeper_ssd.spec.solver import SolverSettings
 from layer_harness import build, run_ours
+
+REPO = Path(__file__).resolve().parent.parent
 
 UP = 'name: "up" type: "Upsample" bottom: "x" top: "y"'
 
@@ -351,35 +355,40 @@ def test_la_student_priors_are_the_teachers():
 
 
 def test_teacher_loads_its_own_caffemodel_gets_no_gradient_and_never_changes(tmp_path):
-    model = heads.with_zoomin(_small_model())
-    teacher_own = Net(model.teacher().nets()["train"], "TRAIN", seed=5)
-    inputs = _inputs()
-    teacher_own(data=inputs["data_2x"], label=inputs["label"])   # BatchNorm statistics off zero
+    """Through the trainer: ``--weights teacher/=teacher.caffemodel`` fills the frozen copy,
+    which then computes what the teacher computes alone, takes no gradient and keeps every blob
+    (BatchNorm statistics included) through solver steps while the student learns."""
+    from deeper_ssd.data.sample import make_sample_set
+    from deeper_ssd.solver import Solver
+    data = tmp_path / "data"
+    make_sample_set(data, seed=0, train=4, test=2, width=128, height=96)
+    dataset = ssd.Dataset("tiny", 2, str(REPO / "data" / "labelmap_drone.prototxt"),
+                          str(data / "trainval_lmdb"), str(data / "test_lmdb"), num_test_image=2)
+    model = heads.with_zoomin(_small_model(dataset=dataset, test_batch_size=2))
+    heads.write_zoomin(model, str(tmp_path))
+    teacher_own = Net(model.teacher().nets()["deploy"], "TEST", seed=5)
+    with torch.no_grad():                                   # stored BatchNorm statistics, not zeros
+        for layer in teacher_own.layers:
+            if layer.caffe_type == "BatchNorm":
+                layer.blobs[0].normal_(0, 0.1), layer.blobs[1].uniform_(0.5, 2), layer.blobs[2].fill_(1)
     teacher_own.save_caffemodel(tmp_path / "teacher.caffemodel")
-    net = Net(model.nets()["train"], "TRAIN", seed=0)
-    loaded = net.load_caffemodel(tmp_path / "teacher.caffemodel", prefix="teacher/")
-    assert "teacher/conv1_1" in loaded and all(name.startswith("teacher/") for name in loaded)
-    # the teacher branch computes what the teacher computes on its own (on its stored statistics)
-    own_test = Net(model.teacher().nets()["deploy"], "TEST")
-    own_test.load_caffemodel(tmp_path / "teacher.caffemodel")
-    own_test.forward(keep_blobs=True, data=inputs["data_2x"])
+    solver = Solver(io.read_solver(tmp_path / "small_zoomin" / "solver.prototxt"), log=lambda line: None)
+    solver.load_weights([f"teacher/={tmp_path / 'teacher.caffemodel'}"])
+    net = solver.train_net
+    inputs = _inputs()
+    teacher_own.forward(keep_blobs=True, data=inputs["data_2x"])
     net.forward(keep_blobs=True, **inputs)
-    torch.testing.assert_close(net.blobs["teacher/conv4_3_norm"], own_test.blobs["conv4_3_norm"])
+    torch.testing.assert_close(net.blobs["teacher/conv4_3_norm"], teacher_own.blobs["conv4_3_norm"])
+    params = net.learnable_params
+    assert all(not p.blob.requires_grad for p in params if p.layer.startswith("teacher/"))
+    out = net(**inputs)
+    out.loss.backward()
+    assert all(p.blob.grad is None for p in params if p.layer.startswith("teacher/"))
+    assert all(out[f"zoomin/loss_{h}"].item() > 0 for h in ("conv4_3_norm", "fc7", "conv6_2", "conv7_2"))
     frozen = _teacher_blobs(net)
     student_before = net.params["conv1_1"][0].detach().clone()
-    params = [p for p in net.learnable_params]
-    assert all(not p.blob.requires_grad for p in params if p.layer.startswith("teacher/"))
-    for _ in range(3):                                       # Caffe SGD: local rate lr * lr_mult
-        out = net(**inputs)
-        for p in params:
-            p.blob.grad = None
-        out.loss.backward()
-        assert all(p.blob.grad is None for p in params if p.layer.startswith("teacher/"))
-        assert all(out[f"zoomin/loss_{h}"].item() > 0 for h in ("conv4_3_norm", "fc7", "conv6_2", "conv7_2"))
-        with torch.no_grad():
-            for p in params:
-                grad = p.blob.grad if p.blob.grad is not None else torch.zeros_like(p.blob)
-                p.blob -= 0.01 * p.lr_mult * (grad + 0.0005 * p.decay_mult * p.blob)
+    solver.step(3)
+    solver.close()
     after = _teacher_blobs(net)
     assert after.keys() == frozen.keys() and all(torch.equal(after[k], frozen[k]) for k in frozen)
     assert not torch.equal(net.params["conv1_1"][0], student_before)

@@ -364,13 +364,16 @@ class Solver:
     # -- weights -------------------------------------------------------------------------------
     def load_weights(self, paths: Sequence[str]) -> None:
         """``caffe train --weights a,b``: copy layers by name from each file in turn into the
-        train net (the test nets share its blobs)."""
-        for path in paths:
-            loaded = self.train_net.load_caffemodel(path)
+        train net (the test nets share its blobs). An entry ``PREFIX=FILE`` (split at the first
+        ``=``) copies the file's layer ``X`` into layer ``PREFIX + X``: ``teacher/=t.caffemodel``
+        fills a ZoomInNet distillation net's frozen ``teacher/`` copy from the teacher's own file."""
+        for entry in paths:
+            prefix, path = entry.split("=", 1) if "=" in entry else ("", entry)
+            loaded = self.train_net.load_caffemodel(path, prefix=prefix)
             for net in self.test_nets:
-                net.load_caffemodel(path)
-            self.log(f"Finetuning from {path}: {len(loaded)} layer(s) copied"
-                     + ("" if loaded else " -- no layer name matches this net"))
+                net.load_caffemodel(path, prefix=prefix)
+            self.log(f"Finetuning from {path}{f' into {prefix}*' if prefix else ''}: {len(loaded)} layer(s) "
+                     "copied" + ("" if loaded else " -- no layer name matches this net"))
 
     # -- the loop ------------------------------------------------------------------------------
     def solve(self, resume: Optional[str] = None, signals: Optional[SignalActions] = None) -> None:
