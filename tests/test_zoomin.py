@@ -372,7 +372,9 @@ def test_teacher_loads_its_own_caffemodel_gets_no_gradient_and_never_changes(tmp
             if layer.caffe_type == "BatchNorm":
                 layer.blobs[0].normal_(0, 0.1), layer.blobs[1].uniform_(0.5, 2), layer.blobs[2].fill_(1)
     teacher_own.save_caffemodel(tmp_path / "teacher.caffemodel")
-    solver = Solver(io.read_solver(tmp_path / "small_zoomin" / "solver.prototxt"), log=lambda line: None)
+    param = io.read_solver(tmp_path / "small_zoomin" / "solver.prototxt")
+    param.snapshot_prefix = str(tmp_path / "snapshots" / "small_zoomin")
+    solver = Solver(param, log=lambda line: None)
     solver.load_weights([f"teacher/={tmp_path / 'teacher.caffemodel'}"])
     net = solver.train_net
     inputs = _inputs()
