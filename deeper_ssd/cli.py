@@ -524,6 +524,8 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
                    help="on SIGINT/Ctrl-C (default stop: snapshot, then stop)")
     p.add_argument("--sighup-effect", choices=("stop", "snapshot", "none"), default="snapshot",
                    help="on SIGHUP (default snapshot and continue)")
+    p.add_argument("--channels-last", action="store_true", help="channels-last memory for the "
+                   "nets (faster convolutions on CPU for thin, high-resolution layers)")
     p.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
 
 
@@ -549,7 +551,8 @@ def _run_training(options: dict, comm=None, device=None, seed=None):
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
         solver = Solver(param, base_dir=Path(options["solver"]).resolve().parent,
                         device=device or options.get("device"), log=console.log,
-                        progress=console.progress, comm=comm, data_workers=options.get("workers"))
+                        progress=console.progress, comm=comm, data_workers=options.get("workers"),
+                        channels_last=bool(options.get("channels_last")))
     except _solver_errors() as err:
         console.close()
         raise UsageError(f"{options['solver']}: {err}") from None
@@ -623,6 +626,8 @@ def _test_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", help="this model's name in the plot (default: the weights file's stem)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--workers", type=int, help="data worker processes (default 1)")
+    p.add_argument("--channels-last", action="store_true", help="channels-last memory for the net "
+                   "(faster convolutions on CPU for thin, high-resolution layers)")
 
 
 def _default_test_iterations(net) -> int:
@@ -646,7 +651,8 @@ def _default_test_iterations(net) -> int:
 
 
 def run_test(model: str, weights: str, out: str, iterations=None, ap_version: str = "11point",
-             compare=(), name=None, device="cpu", workers=None, quiet: bool = False) -> dict:
+             compare=(), name=None, device="cpu", workers=None, quiet: bool = False,
+             channels_last: bool = False) -> dict:
     """``deeper-ssd test`` as a function: evaluate, print, write results.json and pr_curve.png
     into ``out``; returns the JSON dict."""
     import json
@@ -657,6 +663,9 @@ def run_test(model: str, weights: str, out: str, iterations=None, ap_version: st
     from .net import Net
     net = Net.from_prototxt(model, "TEST", device=torch.device(device))
     net.load_caffemodel(weights)
+    if channels_last:
+        from .solver.trainer import use_channels_last
+        use_channels_last(net)
     if workers is not None:
         for layer in net.layers:
             if hasattr(layer, "configure_loader"):
@@ -706,7 +715,7 @@ def _print_test_report(report: dict) -> None:
          "(tools/test.py)", _test_arguments)
 def cmd_test(args) -> int:
     run_test(args.model, args.weights, args.out, args.iterations, args.ap_version, args.compare,
-             args.name, args.device, args.workers)
+             args.name, args.device, args.workers, channels_last=args.channels_last)
     return 0
 
 

@@ -233,3 +233,16 @@ def test_ctrl_c_to_the_process_group_snapshots_and_exits_cleanly(tiny, tmp_path)
     assert "Optimization stopped early." in out
     states = list(tmp_path.glob("cc_iter_*.solverstate"))
     assert len(states) == 1 and io.read_solverstate(states[0]).iter >= 3
+
+
+def test_channels_last_trains_the_same_net(tiny, tmp_path):
+    run(tiny, tmp_path / "nchw", max_iter=2)
+    param = solver_param(tiny, snapshot_prefix=str(tmp_path / "nhwc"), max_iter=2)
+    solver = Solver(param, log=lambda m: None, channels_last=True)
+    solver.solve()
+    solver.close()
+    assert solver.train_net.layer_by_name["conv2"].blobs[0].is_contiguous(memory_format=torch.channels_last)
+    a, b = blobs(f"{tmp_path / 'nchw'}_iter_2.caffemodel"), blobs(f"{tmp_path / 'nhwc'}_iter_2.caffemodel")
+    for name in a:
+        for x, y in zip(a[name], b[name]):
+            np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5, err_msg=name)

@@ -54,7 +54,7 @@ from .lr import LearningRate
 from .sgd import make_rule
 
 __all__ = ["Solver", "SolverError", "NonFiniteError", "TrainState", "SignalActions", "Progress",
-           "ACTIONS", "read_solver"]
+           "ACTIONS", "read_solver", "use_channels_last"]
 
 #: SolverAction values of Caffe's --sigint_effect / --sighup_effect
 ACTIONS = ("stop", "snapshot", "none")
@@ -72,6 +72,24 @@ class NonFiniteError(RuntimeError):
     def __init__(self, message: str, iteration: int, snapshot: Optional[str]):
         super().__init__(message)
         self.iteration, self.snapshot = iteration, snapshot
+
+
+def use_channels_last(net: Net) -> None:
+    """Keep ``net``'s 4-D blobs and its data input in channels-last memory (NHWC strides; shapes
+    and values unchanged, results equal to float rounding). oneDNN's convolutions on CPU are
+    2-3x faster so for thin layers at high resolution (the tiny model's first layers); a test
+    net that shares the blobs needs the call too, for its input."""
+    net.to(memory_format=torch.channels_last)
+    for layer in net.layers:
+        if layer.is_source:
+            layer.register_forward_hook(_channels_last_data)
+
+
+def _channels_last_data(layer, args, output):
+    tops = [output] if isinstance(output, torch.Tensor) else list(output)
+    if tops[0].dim() == 4:
+        tops[0] = tops[0].contiguous(memory_format=torch.channels_last)
+    return tops[0] if isinstance(output, torch.Tensor) else tuple(tops)
 
 
 def read_solver(path) -> caffe_pb2.SolverParameter:
@@ -216,12 +234,13 @@ class Solver:
     torch device (default: solver_mode); ``log``: a ``print``-like callable for Caffe's log
     lines; ``progress``: called with a :class:`Progress` after every update; ``comm``: a
     :class:`deeper_ssd.solver.distributed.Communicator` for one process per GPU (root = rank 0
-    tests, logs and snapshots); ``data_workers``: worker processes of the train data layers.
+    tests, logs and snapshots); ``data_workers``: worker processes of the train data layers;
+    ``channels_last``: :func:`use_channels_last` on every net (a CPU speed option).
     """
 
     def __init__(self, param: caffe_pb2.SolverParameter, *, base_dir=None, device=None,
                  log: Callable[[str], None] = print, progress: Optional[Callable[[Progress], None]] = None,
-                 comm=None, data_workers: Optional[int] = None):
+                 comm=None, data_workers: Optional[int] = None, channels_last: bool = False):
         self.param = param
         self.base_dir = Path(base_dir) if base_dir is not None else None
         self.comm = comm
@@ -255,6 +274,9 @@ class Solver:
         for layers in self._test_data_layers:
             for layer in layers:
                 layer.set_seed(self.seed)
+        if channels_last:
+            for net in [self.train_net] + self.test_nets:
+                use_channels_last(net)
         self.batch_size = sum(int(l.top_shapes[0][0]) for l in self._data_layers) or 1
         self._inputs: Dict[str, torch.Tensor] = {}
         for layer in self.train_net.layers:
