@@ -332,7 +332,7 @@ def test_generate_refuses_head_settings_without_a_head(capsys):
     assert cli.main(["generate", "ssd300", "--srtod-source", "fc7"]) == 2
     assert "need --head" in capsys.readouterr().err
     assert cli.main(["generate", "ssd300", "--head", "srtod", "--head-set", "gain=2"]) == 2
-    assert "SR-TOD settings are source" in capsys.readouterr().err
+    assert "SRTOD settings are source" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------
