@@ -512,7 +512,8 @@ class _Console:
 def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--solver", required=True, help="solver prototxt")
     p.add_argument("--weights", help="comma-separated .caffemodel files whose layers are copied by "
-                   "name before training (fine-tuning; Caffe's --weights)")
+                   "name before training (fine-tuning; Caffe's --weights); PREFIX=FILE copies layer X "
+                   "of FILE into layer PREFIX+X (e.g. teacher/=teacher.caffemodel for --head zoomin)")
     p.add_argument("--snapshot", help=".solverstate to resume from (Caffe's --snapshot)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: the solver's solver_mode)")
     p.add_argument("--gpus", help="comma-separated GPU ids: one training process per GPU, each "
