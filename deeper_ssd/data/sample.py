@@ -135,18 +135,24 @@ def _place(alpha: np.ndarray, target_area: float, shape: Tuple[int, int], taken:
 
 def _draw_drone(img: np.ndarray, alpha: np.ndarray, x: int, y: int, rng: np.random.Generator) -> Tuple[int, int, int, int]:
     """Composite a drone: body colour, contrast, haze toward the local background, blur.
-    Returns the 0-based inclusive tight box of the visible silhouette."""
+    Returns the 0-based inclusive tight box of the visible silhouette.
+
+    Downscaling thins a small airframe's arms to partial coverage; the alpha is renormalised
+    (its densest pixel opaque) so that a drone of a few pixels stays a visible blob, as real
+    small drones are, rather than a faint smudge no detector could learn."""
     h, w = alpha.shape
+    alpha = np.clip(alpha / max(float(alpha.max()), 1e-6) * 1.25, 0.0, 1.0)
     region = img[y:y + h, x:x + w].astype(np.float32)
     local = region.reshape(-1, 3).mean(0)
-    body = np.array([rng.uniform(10, 70)] * 3) + rng.uniform(-10, 10, 3)
-    if rng.uniform() < 0.25:
-        body = np.array([rng.uniform(170, 235)] * 3) + rng.uniform(-10, 10, 3)   # white airframe
-    contrast = rng.uniform(0.45, 1.0)                       # low contrast against the sky
-    haze = rng.uniform(0.0, 0.45)
+    dark = np.array([rng.uniform(10, 50)] * 3) + rng.uniform(-10, 10, 3)
+    light = np.array([rng.uniform(180, 240)] * 3) + rng.uniform(-10, 10, 3)     # white airframe
+    # a dark airframe against bright sky, a light one against dark ground; 15 % the other way
+    body = dark if (local.mean() > 110) == (rng.uniform() > 0.15) else light
+    contrast = rng.uniform(0.75, 1.0)
+    haze = rng.uniform(0.0, 0.3)
     colour = local + contrast * (body - local)
     colour = (1 - haze) * colour + haze * local
-    sigma = rng.uniform(0.0, 1.2) * max(1.0, min(h, w) / 40)
+    sigma = rng.uniform(0.0, 1.0) * max(1.0, min(h, w) / 40)
     a = cv2.GaussianBlur(alpha, (0, 0), sigma) if sigma > 0.3 else alpha
     a = a[:, :, None]
     img[y:y + h, x:x + w] = np.clip(region * (1 - a) + colour * a, 0, 255).astype(np.uint8)
