@@ -619,7 +619,8 @@ def _test_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", required=True, help=".caffemodel")
     p.add_argument("--iterations", type=int, help="test batches (default: the test LMDB once, "
                    "ceil(records / batch_size))")
-    p.add_argument("--out", default="test_results", help="folder for results.json and pr_curve.png")
+    p.add_argument("--out", default="runs/test", help="folder for results.json and pr_curve.png "
+                   "(default runs/test)")
     p.add_argument("--ap-version", default="11point", choices=("11point", "MaxIntegral", "Integral"),
                    help="headline AP (all three are in the JSON); default 11point as the paper")
     p.add_argument("--compare", nargs="+", default=[], metavar="JSON",
