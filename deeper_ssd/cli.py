@@ -158,29 +158,36 @@ def _opencv_check_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="deploy prototxt")
     p.add_argument("--weights", help=".caffemodel (default: the net's fillers, seeded by --seed)")
     p.add_argument("--seed", type=int, default=0, help="weights and input seed (default 0)")
+    p.add_argument("--batch", type=int, default=1, help="images in the input (default 1)")
     p.add_argument("--rtol", type=float, default=1e-4,
-                   help="largest accepted |ours - OpenCV| / max |ours| per blob (default 1e-4)")
+                   help="largest accepted |ours - OpenCV| / max |ours| per layer (default 1e-4)")
+    p.add_argument("--all", action="store_true", help="print every layer, not only those that differ")
 
 
 @command("opencv-check", "run a deploy net in deeper-ssd and in OpenCV's Caffe importer on one "
-         "seeded input and compare (nets with SR-TOD/ZoomInNet layers are refused)",
+         "seeded input and compare every layer (nets with SR-TOD/ZoomInNet layers are refused)",
          _opencv_check_arguments)
 def cmd_opencv_check(args) -> int:
     from . import opencv_check
     try:
-        rows = opencv_check.compare(args.model, args.weights, args.seed)
+        result = opencv_check.compare(args.model, args.weights, args.seed, batch=args.batch)
     except opencv_check.OpenCVUnsupported as err:
         raise UsageError(str(err)) from None
-    width = max(len(r.blob) for r in rows)
-    for r in rows:
-        verdict = "ok" if r.relative <= args.rtol else "DIFFERS"
-        print(f"{r.blob:<{width}}  {'x'.join(map(str, r.shape)):>14}  max |diff| {r.max_abs_diff:.3g}"
-              f"  (relative {r.relative:.3g})  {verdict}")
-    net = io.read_net(args.model)
-    if any(float(v) != int(v) for layer in net.layer if layer.type == "PriorBox"
-           for v in list(layer.prior_box_param.min_size) + list(layer.prior_box_param.max_size)):
-        print("note: the net has non-integer PriorBox sizes, which Caffe truncates and OpenCV does not")
-    return 0 if all(r.relative <= args.rtol for r in rows) else 1
+    failures = result.failures(args.rtol)
+    shown = result.layers if args.all else failures
+    width = max([len(d.layer) for d in shown] + [5])
+    for d in shown:
+        verdict = "ok" if d.relative <= args.rtol else "DIFFERS"
+        print(f"{d.layer:<{width}}  {d.type:<16} {'x'.join(map(str, d.shape)):>14}  max |diff| "
+              f"{d.max_abs_diff:.3g}  (relative {d.relative:.3g})  {verdict}  {d.note}".rstrip())
+    worst = result.worst()
+    print(f"{len(result.layers)} layers compared, {len(failures)} differ beyond rtol {args.rtol:g}; "
+          f"largest relative difference {worst.relative:.3g} at {worst.layer} ({worst.type})")
+    if result.skipped:
+        print(f"not compared: {len(result.skipped)} layers from PriorBox on ({', '.join(result.skipped[:4])}"
+              f"{', ...' if len(result.skipped) > 4 else ''}): the net has non-integer prior sizes, "
+              "which Caffe truncates to int and OpenCV does not")
+    return 1 if failures else 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -546,10 +553,11 @@ def _run_training(options: dict, comm=None, device=None, seed=None):
         raise UsageError("give --snapshot to resume training or --weights to fine-tune, not both")
     root = comm is None or comm.rank == 0
     log_path = options.get("log") or (param.snapshot_prefix + ".log")
+    if root:
+        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
     console = _Console(log_path if root else None, progress=not options.get("no_progress"),
                        every=param.display or 10)
     try:
-        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
         solver = Solver(param, base_dir=Path(options["solver"]).resolve().parent,
                         device=device or options.get("device"), log=console.log,
                         progress=console.progress, comm=comm, data_workers=options.get("workers"),

@@ -3,10 +3,14 @@
 :func:`unsupported_layers` lists the layers OpenCV cannot run: every layer type of deeper-ssd's
 own (its parameter message sits in LayerParameter 7700–7799: SR-TOD, ZoomInNet). OpenCV parses
 such a file — it skips fields it does not know — and only fails at its first forward ("Can't
-create layer"), so :func:`refuse_unsupported` says so up front. :func:`compare` runs one seeded
-random input through both executors on the same weights and reports the largest difference of
-the detection head's inputs (``mbox_loc``, ``mbox_conf_flatten``, ``mbox_priorbox``) or, in a
-net without DetectionOutput, of its outputs.
+create layer"), so :func:`refuse_unsupported` says so up front.
+
+:func:`compare` runs one seeded random input through both executors on the same weights and
+compares every layer's output that OpenCV exposes (ours captured with forward hooks, so in-place
+chains compare layer by layer); DetectionOutput rows are compared after sorting. OpenCV does not
+truncate non-integer PriorBox sizes to int as Caffe does, so on such nets the priors and
+everything computed from them are skipped (and named): Caffe's rule is checked against the
+oracle instead (tests/test_priorbox.py).
 """
 from __future__ import annotations
 
@@ -23,7 +27,8 @@ from .net import Net
 from .proto import caffe_pb2
 
 __all__ = ["OWN_FIELD_RANGE", "OpenCVUnsupported", "unsupported_layers", "refuse_unsupported",
-           "Difference", "compare"]
+           "LayerDifference", "Comparison", "compare", "has_integer_prior_sizes",
+           "without_result_files"]
 
 #: LayerParameter field numbers of deeper-ssd's own parameter messages (docs/schema.md)
 OWN_FIELD_RANGE = range(7700, 7800)
@@ -56,63 +61,130 @@ def refuse_unsupported(net: caffe_pb2.NetParameter, origin: str) -> None:
             "same model without the head (deeper-ssd generate MODEL, no --head) against OpenCV")
 
 
+def has_integer_prior_sizes(net: caffe_pb2.NetParameter) -> bool:
+    """True when every PriorBox min/max size is a whole number (where OpenCV agrees with Caffe)."""
+    return all(float(v).is_integer() for layer in net.layer if layer.type == "PriorBox"
+               for v in list(layer.prior_box_param.min_size) + list(layer.prior_box_param.max_size))
+
+
+def without_result_files(net: caffe_pb2.NetParameter) -> caffe_pb2.NetParameter:
+    """A copy without DetectionOutput's save_output_param (result files need the dataset's label
+    map and name-size files, which Caffe and deeper-ssd require to exist; OpenCV ignores them)."""
+    copy = caffe_pb2.NetParameter()
+    copy.CopyFrom(net)
+    for layer in copy.layer:
+        layer.detection_output_param.ClearField("save_output_param")
+    return copy
+
+
+def _downstream_of(net: caffe_pb2.NetParameter, layer_type: str) -> List[str]:
+    """Names of the layers of ``layer_type`` and of every layer that reads what they produce."""
+    blobs, names = set(), []
+    for layer in net.layer:
+        if layer.type == layer_type or any(b in blobs for b in layer.bottom):
+            names.append(layer.name)
+            blobs.update(layer.top)
+    return names
+
+
+def sorted_detections(rows: np.ndarray) -> np.ndarray:
+    """DetectionOutput rows [image, label, score, xmin, ymin, xmax, ymax] as an (N, 7) array
+    ordered by image, label, then score (descending)."""
+    rows = np.asarray(rows).reshape(-1, 7)
+    return rows[np.lexsort((-rows[:, 2], rows[:, 1], rows[:, 0]))]
+
+
 @dataclass
-class Difference:
-    """One compared blob: its shape, the largest |ours − OpenCV| and the largest |ours|."""
-    blob: str
+class LayerDifference:
+    """One compared layer output: its shape, the largest |ours − OpenCV| and the largest |ours|.
+    For DetectionOutput the rows are compared after sorting; a different number of detections
+    gives an infinite difference (``note`` says how many each found)."""
+    layer: str
+    type: str
     shape: Tuple[int, ...]
     max_abs_diff: float
     max_abs: float
+    note: str = ""
 
     @property
     def relative(self) -> float:
         return self.max_abs_diff / max(self.max_abs, 1e-12)
 
 
-def _compared_blobs(net: caffe_pb2.NetParameter, outputs: List[str]) -> List[str]:
-    detection = [layer for layer in net.layer if layer.type == "DetectionOutput"]
-    if not detection:
-        return outputs
-    blobs = []
-    for layer in detection:
-        blobs += [b for b in layer.bottom if b not in blobs]
-    return blobs
+@dataclass
+class Comparison:
+    """The result of :func:`compare`: compared layers in net order and the skipped ones."""
+    layers: List[LayerDifference]
+    skipped: List[str]
+
+    def worst(self) -> LayerDifference:
+        return max(self.layers, key=lambda d: d.relative)
+
+    def failures(self, rtol: float) -> List[LayerDifference]:
+        return [d for d in self.layers if not d.relative <= rtol]
+
+
+def _difference(name: str, layer_type: str, ours: np.ndarray, theirs: np.ndarray) -> LayerDifference:
+    if layer_type == "DetectionOutput":
+        a, b = sorted_detections(ours), sorted_detections(theirs)
+        if a.shape != b.shape:
+            return LayerDifference(name, layer_type, a.shape, float("inf"), float(np.abs(a).max(initial=0)),
+                                   f"{a.shape[0]} detections, OpenCV {b.shape[0]}")
+        return LayerDifference(name, layer_type, a.shape, float(np.abs(a - b).max(initial=0)),
+                               float(np.abs(a).max(initial=0)))
+    theirs = np.asarray(theirs).reshape(ours.shape)
+    return LayerDifference(name, layer_type, tuple(ours.shape), float(np.abs(ours - theirs).max(initial=0)),
+                           float(np.abs(ours).max(initial=0)))
 
 
 def compare(deploy: Union[str, Path, caffe_pb2.NetParameter], weights: Optional[Union[str, Path]] = None,
-            seed: int = 0) -> List[Difference]:
-    """Run ``deploy`` (its weights from ``weights``, else our seeded fillers) in deeper-ssd and in
-    OpenCV on one input drawn uniformly from [-120, 130] (a mean-subtracted image); returns the
-    differences of the compared blobs (see the module docstring). DetectionOutput's result files
-    are switched off. Raises OpenCVUnsupported first when OpenCV cannot run the net."""
+            seed: int = 0, batch: int = 1, conf_scale: float = 1.0) -> Comparison:
+    """Run ``deploy`` (its weights from ``weights``, else deeper-ssd's fillers seeded by ``seed``)
+    in deeper-ssd and in OpenCV on one input of ``batch`` images drawn uniformly from [-120, 130]
+    (a mean-subtracted image) and compare every layer (see the module docstring).
+    ``conf_scale`` multiplies the weights of the ``*_mbox_conf`` layers first: with random
+    weights, a larger scale makes softmax scores decisive so the detections do not hinge on
+    near-ties at the top_k / keep_top_k cut-offs. DetectionOutput's result files are switched
+    off. Raises OpenCVUnsupported first when OpenCV cannot run the net."""
     import cv2
     origin = str(deploy) if not isinstance(deploy, caffe_pb2.NetParameter) else f"net '{deploy.name}'"
     net_param = deploy if isinstance(deploy, caffe_pb2.NetParameter) else io.read_net(deploy)
     refuse_unsupported(net_param, origin)
-    net_param = type(net_param).FromString(net_param.SerializeToString())
-    for layer in net_param.layer:
-        layer.detection_output_param.ClearField("save_output_param")
+    net_param = without_result_files(net_param)
     net = Net(net_param, "TEST", seed=seed)
     if weights is not None:
         net.load_caffemodel(weights)
+    if conf_scale != 1.0:
+        with torch.no_grad():
+            for layer in net.layers:
+                if layer.name.endswith("_mbox_conf"):
+                    layer.blobs[0].mul_(conf_scale)
     data = net.inputs[0]
-    shape = net.blob_shapes[data]
+    shape = (batch,) + tuple(net.blob_shapes[data][1:])
     x = np.random.default_rng(seed).uniform(-120, 130, shape).astype(np.float32)
-    blobs = _compared_blobs(net_param, net.outputs)
-    producer = {top: layer.name for layer in net_param.layer for top in layer.top}
+
+    outputs = {}
+
+    def keep(layer, args, out):        # copies: a later in-place layer overwrites its bottom
+        first = out[0] if isinstance(out, tuple) else out
+        outputs[layer.name] = first.detach().clone().numpy()
+
+    hooks = [layer.register_forward_hook(keep) for layer in net.layers]
+    try:
+        with torch.no_grad():
+            net(**{data: torch.from_numpy(x)})
+    finally:
+        for hook in hooks:
+            hook.remove()
+    skipped = [] if has_integer_prior_sizes(net_param) else _downstream_of(net_param, "PriorBox")
+    compared = [layer for layer in net.layers if layer.caffe_type != "Input" and layer.name not in skipped]
     with tempfile.TemporaryDirectory() as tmp:
         prototxt, model = Path(tmp) / "deploy.prototxt", Path(tmp) / "weights.caffemodel"
         io.write_net(net_param, prototxt)
         net.save_caffemodel(model)
         cv_net = cv2.dnn.readNetFromCaffe(str(prototxt), str(model))
         cv_net.setInput(x, data)
-        theirs = cv_net.forward([producer[b] for b in blobs])
-    with torch.no_grad():
-        ours = net(keep_blobs=True, **{data: torch.from_numpy(x)})
-    rows = []
-    for blob, other in zip(blobs, theirs):
-        mine = net.blobs[blob].numpy() if blob in net.blobs else ours[blob].numpy()
-        other = np.asarray(other).reshape(mine.shape)
-        rows.append(Difference(blob, tuple(mine.shape), float(np.abs(mine - other).max()),
-                               float(np.abs(mine).max())))
-    return rows
+        theirs = cv_net.forward([layer.name for layer in compared])
+    rows = [_difference(layer.name, layer.caffe_type, outputs[layer.name], other)
+            for layer, other in zip(compared, theirs)]
+    return Comparison(rows, skipped)

@@ -4,13 +4,45 @@ import pytest
 from opencv_parity import compare_with_opencv
 
 
-def test_ssd300_reference_deploy_matches_opencv(reference_dir, tmp_path):
-    compared = compare_with_opencv(reference_dir / "ssd300_official" / "deploy.prototxt", tmp_path)
+def test_ssd300_reference_deploy_matches_opencv(reference_dir):
+    compared = compare_with_opencv(reference_dir / "ssd300_official" / "deploy.prototxt")
     assert compared >= 100          # every layer including priors and detection_out
 
 
-def test_ssd512_reference_deploy_matches_opencv_outside_priors(reference_dir, tmp_path):
+def test_ssd512_reference_deploy_matches_opencv_outside_priors(reference_dir):
     # SSD512's prior sizes are not integers: OpenCV does not truncate them as Caffe does, so the
     # priors and detections are checked against Caffe itself in tests/test_priorbox.py
-    compared = compare_with_opencv(reference_dir / "ssd512_reconstructed" / "deploy.prototxt", tmp_path)
+    compared = compare_with_opencv(reference_dir / "ssd512_reconstructed" / "deploy.prototxt")
     assert compared >= 90
+
+
+def test_opencv_check_names_the_skipped_prior_layers_and_exits_zero(reference_dir, capsys):
+    from deeper_ssd import cli
+    assert cli.main(["opencv-check", str(reference_dir / "ssd512_reconstructed" / "deploy.prototxt")]) == 0
+    out = capsys.readouterr().out
+    assert "0 differ beyond rtol 0.0001" in out
+    assert "not compared:" in out and "conv4_3_norm_mbox_priorbox" in out and "non-integer prior sizes" in out
+
+
+def test_opencv_check_prints_every_layer_of_a_small_net(tmp_path, capsys):
+    from deeper_ssd import cli
+    net = tmp_path / "deploy.prototxt"
+    net.write_text('name: "n" input: "data" input_shape { dim: 1 dim: 3 dim: 8 dim: 8 }\n'
+                   'layer { name: "conv" type: "Convolution" bottom: "data" top: "conv" '
+                   'convolution_param { num_output: 4 kernel_size: 3 weight_filler { type: "gaussian" std: 1 } } }\n'
+                   'layer { name: "relu" type: "ReLU" bottom: "conv" top: "conv" }\n')
+    assert cli.main(["opencv-check", str(net), "--all", "--batch", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "2x4x6x6" in out and "\nrelu " in out and "2 layers compared, 0 differ" in out
+
+
+def test_opencv_check_fails_and_names_a_differing_layer(monkeypatch, capsys):
+    from deeper_ssd import cli, opencv_check
+    rows = [opencv_check.LayerDifference("conv", "Convolution", (1, 4), 1e-7, 1.0),
+            opencv_check.LayerDifference("detection_out", "DetectionOutput", (3, 7), float("inf"), 1.0,
+                                         "3 detections, OpenCV 2")]
+    monkeypatch.setattr(opencv_check, "compare", lambda *a, **k: opencv_check.Comparison(rows, []))
+    assert cli.main(["opencv-check", "any.prototxt"]) == 1
+    out = capsys.readouterr().out
+    assert "detection_out" in out and "DIFFERS  3 detections, OpenCV 2" in out and "\nconv " not in out
+    assert "1 differ beyond rtol" in out

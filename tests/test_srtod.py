@@ -374,10 +374,10 @@ def test_opencv_is_refused_srtod_nets_and_runs_the_plain_deploy(tmp_path, capsys
     err = capsys.readouterr().err
     assert "OpenCV's Caffe importer cannot run" in err and "'conv4_3_norm_dgfe' (DGFE)" in err
     with pytest.raises(OpenCVUnsupported):
-        compare_with_opencv(paths["srtod"], tmp_path)
+        compare_with_opencv(paths["srtod"])
     assert cli.main(["opencv-check", str(paths["plain"])]) == 0
     # the full layer-by-layer parity (its detections need the 21-class net's decisive scores)
     voc = heads.with_srtod(zoo.get("ssd300_voc0712"))
     plain = REPO / "prototxt" / "ssd300_voc0712" / "deploy.prototxt"
     assert io.read_net(plain) == zoo.get("ssd300_voc0712").nets()["deploy"] and voc.nets()
-    assert compare_with_opencv(plain, tmp_path) > 0
+    assert compare_with_opencv(plain) > 0
