@@ -7,7 +7,8 @@ create layer"), so :func:`refuse_unsupported` says so up front.
 
 :func:`compare` runs one seeded random input through both executors on the same weights and
 compares every layer's output that OpenCV exposes (ours captured with forward hooks, so in-place
-chains compare layer by layer); DetectionOutput rows are compared after sorting. OpenCV does not
+chains compare layer by layer); DetectionOutput rows are compared as sets, the lowest-scoring row of
+each class excepted (a near-tie at a cut-off may keep either of two rows). OpenCV does not
 truncate non-integer PriorBox sizes to int as Caffe does, so on such nets the priors and
 everything computed from them are skipped (and named): Caffe's rule is checked against the
 oracle instead (tests/test_priorbox.py).
@@ -97,8 +98,8 @@ def sorted_detections(rows: np.ndarray) -> np.ndarray:
 @dataclass
 class LayerDifference:
     """One compared layer output: its shape, the largest |ours − OpenCV| and the largest |ours|.
-    For DetectionOutput the rows are compared after sorting; a different number of detections
-    gives an infinite difference (``note`` says how many each found)."""
+    For DetectionOutput the rows are compared as sets (see :func:`_detection_difference`); a row
+    without a partner gives an infinite difference (``note`` says how many each found)."""
     layer: str
     type: str
     shape: Tuple[int, ...]
@@ -126,26 +127,63 @@ class Comparison:
 
 def _difference(name: str, layer_type: str, ours: np.ndarray, theirs: np.ndarray) -> LayerDifference:
     if layer_type == "DetectionOutput":
-        a, b = sorted_detections(ours), sorted_detections(theirs)
-        if a.shape != b.shape:
-            return LayerDifference(name, layer_type, a.shape, float("inf"), float(np.abs(a).max(initial=0)),
-                                   f"{a.shape[0]} detections, OpenCV {b.shape[0]}")
-        return LayerDifference(name, layer_type, a.shape, float(np.abs(a - b).max(initial=0)),
-                               float(np.abs(a).max(initial=0)))
+        return _detection_difference(name, sorted_detections(ours), sorted_detections(theirs))
     theirs = np.asarray(theirs).reshape(ours.shape)
     return LayerDifference(name, layer_type, tuple(ours.shape), float(np.abs(ours - theirs).max(initial=0)),
                            float(np.abs(ours).max(initial=0)))
 
 
+def _detection_difference(name: str, a: np.ndarray, b: np.ndarray, tie: float = 1e-4) -> LayerDifference:
+    """Detections ``a`` (ours) and ``b`` (OpenCV), rows (image, label, score, x1, y1, x2, y2), are
+    compared as sets: every row must have a partner of the same image and label on the other
+    side, except the lowest-scoring row(s) (within ``tie``) of each image and label. Those are the
+    rows a near-tie at a cut-off decides — the confidence threshold, the per-class top_k before
+    NMS and the per-image keep_top_k all drop a class's lowest scores first — so two correct
+    implementations may keep different ones; ``note`` counts them."""
+    a_tail, b_tail = _class_tail(a, tie), _class_tail(b, tie)
+    distance = max(_nearest_row_distance(a[~a_tail], b), _nearest_row_distance(b[~b_tail], a))
+    unpaired = (_unpaired_count(a[a_tail], b), _unpaired_count(b[b_tail], a))
+    note = ""
+    if len(a) != len(b) and distance > 0:
+        note = f"{len(a)} detections, OpenCV {len(b)}"
+    elif any(unpaired):
+        note = f"{unpaired[0]} vs OpenCV {unpaired[1]} lowest-score rows of a class differ (cut-off near-ties)"
+    return LayerDifference(name, "DetectionOutput", a.shape, distance, float(np.abs(a).max(initial=0)), note)
+
+
+def _class_tail(rows: np.ndarray, tie: float) -> np.ndarray:
+    """Mask of the rows scoring within ``tie`` of the lowest score of their (image, label)."""
+    tail = np.zeros(len(rows), dtype=bool)
+    for key in {(r[0], r[1]) for r in rows}:
+        group = (rows[:, 0] == key[0]) & (rows[:, 1] == key[1])
+        tail |= group & (rows[:, 2] <= rows[group, 2].min() + tie)
+    return tail
+
+
+def _row_distances(rows: np.ndarray, other: np.ndarray) -> np.ndarray:
+    """For each row, the max-abs distance over the 7 columns to its nearest row of ``other``
+    (rows of another image or label are infinitely far)."""
+    if not len(other):
+        return np.full(len(rows), np.inf)
+    far = np.abs(rows[:, None, :] - other[None, :, :]).max(axis=2)
+    far[(rows[:, None, 0] != other[None, :, 0]) | (rows[:, None, 1] != other[None, :, 1])] = np.inf
+    return far.min(axis=1)
+
+
+def _nearest_row_distance(rows: np.ndarray, other: np.ndarray) -> float:
+    return float(_row_distances(rows, other).max(initial=0))
+
+
+def _unpaired_count(rows: np.ndarray, other: np.ndarray, atol: float = 1e-3) -> int:
+    return int((_row_distances(rows, other) > atol).sum())
+
+
 def compare(deploy: Union[str, Path, caffe_pb2.NetParameter], weights: Optional[Union[str, Path]] = None,
-            seed: int = 0, batch: int = 1, conf_scale: float = 1.0) -> Comparison:
+            seed: int = 0, batch: int = 1) -> Comparison:
     """Run ``deploy`` (its weights from ``weights``, else deeper-ssd's fillers seeded by ``seed``)
     in deeper-ssd and in OpenCV on one input of ``batch`` images drawn uniformly from [-120, 130]
     (a mean-subtracted image) and compare every layer (see the module docstring).
-    ``conf_scale`` multiplies the weights of the ``*_mbox_conf`` layers first: with random
-    weights, a larger scale makes softmax scores decisive so the detections do not hinge on
-    near-ties at the top_k / keep_top_k cut-offs. DetectionOutput's result files are switched
-    off. Raises OpenCVUnsupported first when OpenCV cannot run the net."""
+    DetectionOutput's result files are switched off. Raises OpenCVUnsupported first when OpenCV cannot run the net."""
     import cv2
     origin = str(deploy) if not isinstance(deploy, caffe_pb2.NetParameter) else f"net '{deploy.name}'"
     net_param = deploy if isinstance(deploy, caffe_pb2.NetParameter) else io.read_net(deploy)
@@ -154,11 +192,6 @@ def compare(deploy: Union[str, Path, caffe_pb2.NetParameter], weights: Optional[
     net = Net(net_param, "TEST", seed=seed)
     if weights is not None:
         net.load_caffemodel(weights)
-    if conf_scale != 1.0:
-        with torch.no_grad():
-            for layer in net.layers:
-                if layer.name.endswith("_mbox_conf"):
-                    layer.blobs[0].mul_(conf_scale)
     data = net.inputs[0]
     shape = (batch,) + tuple(net.blob_shapes[data][1:])
     x = np.random.default_rng(seed).uniform(-120, 130, shape).astype(np.float32)

@@ -1,4 +1,5 @@
 """Parity of the executor with OpenCV's Caffe importer on the reference SSD deploy nets."""
+import numpy as np
 import pytest
 
 from opencv_parity import compare_with_opencv
@@ -46,3 +47,23 @@ def test_opencv_check_fails_and_names_a_differing_layer(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "detection_out" in out and "DIFFERS  3 detections, OpenCV 2" in out and "\nconv " not in out
     assert "1 differ beyond rtol" in out
+
+
+def test_detections_are_compared_as_sets_except_each_class_lowest_score():
+    from deeper_ssd.opencv_check import _detection_difference
+    rows = np.array([[0, 1, 0.9, .1, .1, .2, .2], [0, 1, 0.8, .3, .3, .4, .4], [0, 1, 0.5, .5, .5, .6, .6],
+                     [0, 2, 0.7, .1, .1, .3, .3]])
+    assert _detection_difference("d", rows, rows[[1, 0, 3, 2]]).max_abs_diff == 0   # order is free
+    other_tail = rows.copy()
+    other_tail[2, 3:] = .7                 # class 1's lowest score went to another box: a cut-off tie
+    diff = _detection_difference("d", rows, other_tail)
+    assert diff.max_abs_diff == 0 and "1 vs OpenCV 1 lowest-score rows" in diff.note
+    assert _detection_difference("d", rows, rows[[0, 1, 3]]).max_abs_diff == 0      # class 1 cut shorter
+    moved = rows.copy()
+    moved[0, 3] = .15                      # a box above its class's lowest score moved: reported
+    assert _detection_difference("d", rows, moved).max_abs_diff == pytest.approx(.05)
+    missing = _detection_difference("d", rows, rows[[0, 2, 3]])                     # 0.8 row missing
+    assert missing.max_abs_diff == pytest.approx(.2) and "4 detections, OpenCV 3" in missing.note
+    relabelled = rows.copy()
+    relabelled[0, 1] = 2
+    assert _detection_difference("d", rows, relabelled).max_abs_diff == pytest.approx(.2)
