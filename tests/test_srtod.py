@@ -381,3 +381,13 @@ def test_opencv_is_refused_srtod_nets_and_runs_the_plain_deploy(tmp_path, capsys
     plain = REPO / "prototxt" / "ssd300_voc0712" / "deploy.prototxt"
     assert io.read_net(plain) == zoo.get("ssd300_voc0712").nets()["deploy"] and voc.nets()
     assert compare_with_opencv(plain) > 0
+
+
+def test_threshold_decay_follows_the_solver_unless_set():
+    def threshold_param(model):
+        dgfe = next(l for l in model.nets()["train"].layer if l.type == "DGFE")
+        return dgfe.param[4].decay_mult
+    assert threshold_param(heads.with_srtod(zoo.get("deeper_ssd500"))) == 1          # SGD
+    assert threshold_param(heads.with_srtod(zoo.get("deeper_ssd500_tiny"))) == 0     # Adam
+    explicit = heads.SRTOD(threshold_decay_mult=0.5)
+    assert threshold_param(heads.with_srtod(zoo.get("deeper_ssd500_tiny"), explicit)) == 0.5

@@ -152,6 +152,27 @@ def test_tiny_model_is_narrow_with_batchnorm_and_its_settings_are_parameters():
         zoo.get("deeper_ssd500_tiny", learning_rate=1)
 
 
+def test_tiny_model_departs_from_the_fork_where_docs_decisions_says():
+    train = zoo.get("deeper_ssd500_tiny").nets()["train"]
+    layers = {l.name: l for l in train.layer}
+    assert layers["conv1_1"].convolution_param.weight_filler.type == "msra"
+    assert layers["fc7_bn"].batch_norm_param.moving_average_fraction == pytest.approx(0.9)
+    assert layers["conv4_3_norm"].norm_param.scale_filler.value == pytest.approx(7)
+    transform = layers["data"].transform_param
+    assert not transform.HasField("expand_param") or transform.expand_param.prob == 0
+    solver = zoo.solver_for(zoo.get("deeper_ssd500_tiny"))
+    assert (solver.type, solver.momentum2, solver.base_lr) == ("Adam", pytest.approx(0.999), pytest.approx(0.001))
+    assert solver.test_iter[0] * 10 == 100                    # 10 batches of 10: each test image once
+    # the fork's ConvBNLayer values stay the default for every other model with BatchNorm
+    fork = zoo.get("deeper_ssd500").replace(batchnorm=True).nets()["train"]
+    fork_layers = {l.name: l for l in fork.layer}
+    filler = fork_layers["conv1_1"].convolution_param.weight_filler
+    assert (filler.type, filler.std) == ("gaussian", pytest.approx(0.01))
+    assert fork_layers["fc7_bn"].batch_norm_param.moving_average_fraction == pytest.approx(0.999)
+    with pytest.raises(ValueError, match="moving_average_fraction"):
+        zoo.get("deeper_ssd500_tiny", bn_moving_average_fraction=1.0).nets()
+
+
 def test_committed_prototxt_equals_a_fresh_generation(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert cli.main(["generate", "--all", "--out", "prototxt"]) == 0

@@ -24,6 +24,7 @@ docs/decisions.md (SR-TOD) records each choice.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -59,7 +60,10 @@ class SRTOD:
     ``initial_threshold`` (image units): DroneSwarms' 40/255 by default, our data being drones.
     ``threshold_gradient``: ``"ZERO"`` (the official code) or ``"STRAIGHT_THROUGH"`` (half-width
     ``ste_width``). ``threshold_lr_mult``/``threshold_decay_mult``: the t blob's ParamSpec (the
-    code's optimizer decays t; ``lr_mult 0`` is the paper's "Fixed T"). ``init``: ``"pytorch"``
+    code's optimizer decays t; ``lr_mult 0`` is the paper's "Fixed T"). ``threshold_decay_mult``
+    None (the default) is 1 under SGD/Nesterov and 0 under an adaptive solver (Adam, RMSProp,
+    AdaGrad, AdaDelta), which would move a t that only weight decay touches by about lr per
+    iteration instead of shrinking it slowly (docs/decisions.md, SR-TOD). ``init``: ``"pytorch"``
     (the code's nn.Conv/nn.Linear defaults, U(±1/sqrt(fan_in))) or ``"xavier"`` (SSD's
     convention, biases 0). ``channels``: the Up blocks' widths (default: halving).
     """
@@ -68,7 +72,7 @@ class SRTOD:
     threshold_gradient: str = "ZERO"
     ste_width: float = 0.01
     threshold_lr_mult: float = 1.0
-    threshold_decay_mult: float = 1.0
+    threshold_decay_mult: Optional[float] = None
     reduction_ratio: int = 16
     resize: str = "NEAREST"
     loss_weight: float = 1.0
@@ -148,7 +152,8 @@ def srtod_layers(head: SRTOD, feature: str, feature_shape: Sequence[int], image:
         dgfe["ste_width"] = head.ste_width
     if head.init == "xavier":
         dgfe.update(weight_filler=dict(type="xavier"), bias_filler=dict(type="constant", value=0))
-    threshold = dict(lr_mult=head.threshold_lr_mult, decay_mult=head.threshold_decay_mult)
+    threshold = dict(lr_mult=head.threshold_lr_mult,
+                     decay_mult=1.0 if head.threshold_decay_mult is None else head.threshold_decay_mult)
     n[f"{feature}_dgfe"] = L.DGFE(n[feature], n.srtod_diffmap, propagate_down=[True, False],
                                   param=[_WEIGHT, _BIAS, _WEIGHT, _BIAS, threshold], **dgfe)
     if train:
@@ -191,6 +196,10 @@ def _srtod_feature(model: SSDModel, source: str) -> str:
     return by_source[source].head_input
 
 
+#: Caffe solver types whose step is normalised per parameter
+ADAPTIVE_SOLVERS = ("Adam", "RMSProp", "AdaGrad", "AdaDelta")
+
+
 @dataclass(frozen=True)
 class SRTODModel(SSDModel):
     """An SSD-family model whose nets carry the SR-TOD head ``head`` (see the module docstring)."""
@@ -199,13 +208,17 @@ class SRTODModel(SSDModel):
     def nets(self) -> Dict[str, caffe_pb2.NetParameter]:
         """The plain model's nets with the head attached; the deploy net is shape-checked."""
         plain = super().nets()
-        feature, image = _srtod_feature(self, self.head.source), "data"
+        head = self.head
+        if head.threshold_decay_mult is None:
+            adaptive = self.solver is not None and self.solver.type in ADAPTIVE_SOLVERS
+            head = dataclasses.replace(head, threshold_decay_mult=0.0 if adaptive else 1.0)
+        feature, image = _srtod_feature(self, head.source), "data"
         blob_shapes = shapes.plan_net(plain["deploy"], caffe_pb2.TEST, device="meta").blob_shapes
         data_layer = next(layer for layer in plain["test"].layer if layer.type == "AnnotatedData")
         transform = data_layer.transform_param
         nets = {}
         for phase, net in plain.items():
-            layers = srtod_layers(self.head, feature, blob_shapes[feature], image, blob_shapes[image],
+            layers = srtod_layers(head, feature, blob_shapes[feature], image, blob_shapes[image],
                                   transform.mean_value, transform.scale, train=phase == "train")
             nets[phase] = attach_srtod(net, layers, feature)
         shapes.plan_net(nets["deploy"], caffe_pb2.TEST, device="meta")

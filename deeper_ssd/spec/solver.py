@@ -18,7 +18,8 @@ __all__ = ["SolverSettings", "SSD_VOC0712_SOLVER", "PAPER_SOLVER", "build_solver
 
 @dataclass(frozen=True)
 class SolverSettings:
-    """SGD with a multistep learning rate and detection evaluation (11-point AP)."""
+    """A multistep learning rate and detection evaluation (11-point AP). ``type`` is Caffe's
+    solver type (SGD as the fork's scripts; Adam also writes ``momentum2``)."""
     base_lr: float
     stepvalues: Tuple[int, ...]
     max_iter: int
@@ -33,6 +34,8 @@ class SolverSettings:
     solver_mode: str = "GPU"
     test_initialization: bool = False
     ap_version: str = "11point"
+    type: str = "SGD"
+    momentum2: float = 0.999
 
     def replace(self, **changes) -> "SolverSettings":
         return replace(self, **changes)
@@ -62,7 +65,9 @@ def build_solver(settings: SolverSettings, train_net: str, test_net: str, num_te
         snapshot_prefix=snapshot_prefix, solver_mode=settings.solver_mode, device_id=0,
         debug_info=False, snapshot_after_train=True, test_initialization=settings.test_initialization,
         average_loss=settings.average_loss, stepvalue=list(settings.stepvalues),
-        iter_size=settings.iter_size, type="SGD", eval_type="detection", ap_version=settings.ap_version)
+        iter_size=settings.iter_size, type=settings.type, eval_type="detection", ap_version=settings.ap_version)
+    if settings.type == "Adam":
+        fields["momentum2"] = settings.momentum2
     for key, value in fields.items():
         assign(solver, key, value)
     return solver

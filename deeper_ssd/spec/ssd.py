@@ -38,6 +38,8 @@ __all__ = [
 
 WITH_BIAS = [dict(lr_mult=1, decay_mult=1), dict(lr_mult=2, decay_mult=0)]
 XAVIER = dict(type="xavier")
+#: the weight filler of the fork's ConvBNLayer (model_libs.py) for convolutions followed by BatchNorm
+FORK_BATCHNORM_FILLER = dict(type="gaussian", std=0.01)
 ZERO = dict(type="constant", value=0)
 
 
@@ -48,12 +50,19 @@ class FeatureNet:
     """A :class:`NetSpec` under construction plus, for every blob the builder made, its channel
     count and its cumulative stride relative to the input (a Fraction: a deconvolution divides
     it). ``width`` scales the ``num_output`` of feature convolutions; ``batchnorm`` puts the
-    fork's BatchNorm + Scale pair after each of them."""
+    fork's BatchNorm + Scale pair after each of them, those convolutions drawing their weights
+    from ``batchnorm_filler`` (the fork's ConvBNLayer: gaussian std 0.01) and BatchNorm
+    averaging its statistics with ``moving_average_fraction`` (the fork's 0.999)."""
 
-    def __init__(self, net: NetSpec, data: str = "data", width: float = 1.0, batchnorm: bool = False):
+    def __init__(self, net: NetSpec, data: str = "data", width: float = 1.0, batchnorm: bool = False,
+                 batchnorm_filler: Optional[dict] = None, moving_average_fraction: float = 0.999):
         if width <= 0:
             raise ValueError(f"width multiplier must be positive, got {width}")
+        if not 0 <= moving_average_fraction < 1:
+            raise ValueError(f"moving_average_fraction must be in [0, 1), got {moving_average_fraction}")
         self.net, self.data, self.width, self.batchnorm = net, data, width, batchnorm
+        self.batchnorm_filler = dict(batchnorm_filler or FORK_BATCHNORM_FILLER)
+        self.moving_average_fraction = moving_average_fraction
         self.channels: Dict[str, int] = {data: 3}
         self.stride: Dict[str, Fraction] = {data: Fraction(1)}
         self._last: Dict[str, Top] = {data: net[data]}
@@ -94,7 +103,7 @@ class FeatureNet:
                 kwargs[key] = value
         if batchnorm:
             kwargs.update(param=[dict(lr_mult=lr_mult, decay_mult=1)], bias_term=False,
-                          weight_filler=dict(type="gaussian", std=0.01))
+                          weight_filler=dict(self.batchnorm_filler))
         else:
             kwargs.update(param=[dict(lr_mult=lr_mult, decay_mult=1),
                                  dict(lr_mult=2 * lr_mult, decay_mult=0)],
@@ -106,7 +115,7 @@ class FeatureNet:
         if batchnorm:
             self.in_place(f"{name}_bn", name, L.BatchNorm(
                 self.top(name), in_place=True, param=[dict(lr_mult=0, decay_mult=0)] * 3,
-                eps=0.001, moving_average_fraction=0.999))
+                eps=0.001, moving_average_fraction=self.moving_average_fraction))
             self.in_place(f"{name}_scale", name, L.Scale(
                 self.top(name), in_place=True, bias_term=True,
                 param=[dict(lr_mult=lr_mult, decay_mult=0)] * 2,
@@ -421,6 +430,8 @@ class SSDModel:
     modules: Tuple = ()
     width: float = 1.0
     batchnorm: bool = False
+    batchnorm_filler: Tuple[Tuple[str, object], ...] = tuple(FORK_BATCHNORM_FILLER.items())
+    bn_moving_average_fraction: float = 0.999
     min_ratio: int = 20
     max_ratio: int = 90
     first_ratios: Tuple[float, float] = (10, 20)
@@ -445,11 +456,16 @@ class SSDModel:
         add_extra_layers(fn, self.extras)
         return list(self.sources) + [module.build(fn) for module in self.modules]
 
+    def _feature_builder(self, n: NetSpec) -> FeatureNet:
+        return FeatureNet(n, width=self.width, batchnorm=self.batchnorm,
+                          batchnorm_filler=dict(self.batchnorm_filler),
+                          moving_average_fraction=self.bn_moving_average_fraction)
+
     def feature_net(self, batch: int = 1) -> Tuple[caffe_pb2.NetParameter, FeatureNet, List[str]]:
         """The features alone behind an Input layer (what shape checks and Table 1 use)."""
         n = NetSpec()
         n.data = L.Input(shape=dict(dim=[batch, 3, self.input_size, self.input_size]))
-        fn = FeatureNet(n, width=self.width, batchnorm=self.batchnorm)
+        fn = self._feature_builder(n)
         sources = self.features(fn)
         return n.to_proto(f"{self.net_name}_features"), fn, sources
 
@@ -502,7 +518,7 @@ class SSDModel:
                             backend="LMDB"),
             annotated_data_param=dict(batch_sampler=_batch_samplers(self.transform) if train else [{}],
                                       label_map_file=data.label_map_file))
-        fn = FeatureNet(n, width=self.width, batchnorm=self.batchnorm)
+        fn = self._feature_builder(n)
         self.features(fn)
         mbox = list(multibox_head(fn, [l.source for l in plan.layers], [l.prior for l in plan.layers],
                                   [l.normalization for l in plan.layers], data.num_classes))
