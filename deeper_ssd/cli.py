@@ -796,7 +796,7 @@ def cmd_demo(args) -> int:
         log_path.unlink()
     try:
         _run_training(dict(solver=solver_path, log=str(log_path), workers=args.workers,
-                           no_progress=args.no_progress), seed=args.seed)
+                           no_progress=args.no_progress, channels_last=True), seed=args.seed)
     except NonFiniteError as err:
         print(f"deeper-ssd demo: training stopped: {err}", file=sys.stderr)
         return 1
@@ -836,9 +836,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def keep_freed_memory() -> bool:
+    """Ask glibc to keep freed memory for reuse instead of handing every block over its
+    thresholds (32 MB, 128 KB by default) back to the kernel: at 500x500 each activation of a
+    training iteration is such a block, and mapping it afresh every iteration (page faults,
+    zeroing) cost ~18 % of a CPU training iteration of deeper_ssd500_tiny here (1.53 -> 1.27
+    s). Peak memory is unchanged. Returns False where this is not glibc."""
+    import ctypes
+    import ctypes.util
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold, largest = -1, -3, 2 ** 31 - 1
+    return bool(mallopt(m_mmap_threshold, largest) and mallopt(m_trim_threshold, largest))
+
+
+#: the commands that run nets on many batches
+_HEAVY_COMMANDS = {"train", "test", "demo", "detect", "diffmap"}
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command in _HEAVY_COMMANDS:
+        keep_freed_memory()
     try:
         return args.func(args) or 0
     except (UsageError, io.CaffeFormatError, LayerError) as err:
