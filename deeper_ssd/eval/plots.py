@@ -65,12 +65,7 @@ def plot_pr_curves(curves: Sequence[Curve], path, title: str = "Precision-recall
         ax.set_title(f"{title}: {class_name}" if len(labels) > 1 or class_name else title)
         ax.grid(True, linestyle=":", linewidth=0.6)
         ax.legend(loc="lower left", fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path, dpi=120)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,9 +130,15 @@ def plot_training_log(log: TrainingLog, path, title: str = "Training") -> Path:
             ax.legend(fontsize=8)
     axes[-1, 0].set_xlabel("iteration")
     axes[0, 0].set_title(title)
+    return _save(fig, path, dpi=110)
+
+
+def _save(fig, path, dpi: int) -> Path:
+    """Write ``fig`` to ``path`` (folders created) and close it; returns the path."""
+    plt = _pyplot()
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
