@@ -57,6 +57,9 @@ def test_caffe_log_lines_and_smoothed_loss(tiny, tmp_path):
     assert "Iteration 0, lr = 0.01" in text and "Iteration 3, lr = 0.001" in text   # stepvalue 3
     assert re.search(r"Iteration 3, Testing net \(#0\)\n    Test net output #0: detection_eval = [\d.e-]+", text)
     assert text.count("Testing net") == 1                       # 4 % 3 != 0: no final test
+    # BatchNorm 0.999 averages over ~1000 iterations: a 4-iteration run is told so, once per fraction
+    assert re.search(r"Warning: \d+ BatchNorm layer\(s\) \(\w+_bn, ...\) average over ~1000 iterations "
+                     r"\(moving_average_fraction 0.999\) in a 4-iteration run", text)
     raw = [float(v) for v in re.findall(r"Train net output #0: mbox_loss = ([\d.e+-]+) \(\* 1 = ", text)]
     shown = [float(v) for v in re.findall(r"Iteration \d+, loss = ([\d.e+-]+)", text)]
     f = np.float32

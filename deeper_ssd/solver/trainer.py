@@ -398,11 +398,27 @@ class Solver:
                      "copied" + ("" if loaded else " -- no layer name matches this net"))
 
     # -- the loop ------------------------------------------------------------------------------
+    def _warn_slow_batchnorm_averages(self) -> None:
+        """Log when a BatchNorm layer averages over more iterations than a third of the run:
+        its stored statistics (what the test net uses) then mix in those of early weights."""
+        fractions = {}
+        for layer in self.train_net.layers:
+            if layer.caffe_type == "BatchNorm" and not layer.use_global_stats and layer.fraction < 1:
+                fractions.setdefault(layer.fraction, []).append(layer.name)
+        for fraction, names in sorted(fractions.items()):
+            horizon = 1.0 / (1.0 - fraction)
+            if 3 * horizon > self.param.max_iter:
+                self.log(f"Warning: {len(names)} BatchNorm layer(s) ({names[0]}, ...) average over "
+                         f"~{horizon:.0f} iterations (moving_average_fraction {fraction:g}) in a "
+                         f"{self.param.max_iter}-iteration run: the test net will use statistics of "
+                         "earlier weights (see docs/decisions.md, deeper_ssd500_tiny)")
+
     def solve(self, resume: Optional[str] = None, signals: Optional[SignalActions] = None) -> None:
         """Solver::Solve: restore, step to max_iter, final snapshot, display forward and test."""
         self.signals = signals
         self.log(f"Solving {self.train_net.name}")
         self.log(f"Learning Rate Policy: {self.param.lr_policy}")
+        self._warn_slow_batchnorm_averages()
         self.requested_early_exit = False
         if resume:
             self.log(f"Restoring previous solver status from {resume}")
