@@ -316,14 +316,14 @@ def test_generate_refuses_a_net_that_does_not_fit_its_input(tmp_path, capsys):
 
 def test_generate_with_settings_writes_four_files(tmp_path, capsys):
     assert cli.main(["generate", "deeper_ssd500_tiny", "--out", str(tmp_path),
-                     "--set", "base_lr=0.02", "--set", "batch_size=4"]) == 0
+                     "--set", "base_lr=0.02", "--set", "batch_size=2"]) == 0
     folder = tmp_path / "deeper_ssd500_tiny"
     assert sorted(p.name for p in folder.iterdir()) == [f"{p}.prototxt" for p in
                                                          ("deploy", "solver", "test", "train")]
     solver = io.read_solver(folder / "solver.prototxt")
     assert solver.base_lr == pytest.approx(0.02)
     assert solver.train_net == f"{tmp_path}/deeper_ssd500_tiny/train.prototxt"
-    assert io.read_net(folder / "train.prototxt").layer[0].data_param.batch_size == 4
+    assert io.read_net(folder / "train.prototxt").layer[0].data_param.batch_size == 2
 
 
 def test_zoo_lists_every_model_with_priors_parameters_and_gflops(capsys):

@@ -173,18 +173,18 @@ def deeper_ssd500_tiny(width: float = 1 / 8, batchnorm: bool = True, input_size:
                            (200, 280), (280, 370), (370, 460)),
                        conv4_3_normalization: float = 7.0,
                        batchnorm_filler: str = "msra", bn_moving_average_fraction: float = 0.9,
-                       expand_prob: float = 0.0, batch_size: int = 8, test_batch_size: int = 10,
-                       solver_type: str = "Adam", base_lr: float = 0.001, max_iter: int = 600,
-                       stepvalues: Tuple[int, ...] = (480,), gamma: float = 0.1,
+                       expand_prob: float = 0.0, batch_size: int = 4, test_batch_size: int = 10,
+                       solver_type: str = "Adam", base_lr: float = 0.001, max_iter: int = 1000,
+                       stepvalues: Tuple[int, ...] = (800,), gamma: float = 0.1,
                        momentum: float = 0.9, weight_decay: float = 0.0005,
-                       test_interval: int = 600, dataset: Dataset = DRONE_SAMPLE) -> SSDModel:
+                       test_interval: int = 1000, dataset: Dataset = DRONE_SAMPLE) -> SSDModel:
     """Deeper SSD500 at 1/8 width with BatchNorm + Scale after every feature convolution, sized
     to train on this project's 2-core CPU within the demo's 15 minutes: a 12 px first prior (the
     sample set is 63 % small drones, <= 17 px at 500x500), no zoom-out expansion (it would
     shrink them further), MSRA weights under BatchNorm, a fast BatchNorm average (0.9: with
     0.999 the averages of a 500-iteration run lag the drifting weights and the test net's
     activations grow layer after layer), conv4_3 Normalize 7 (20 / sqrt(512 / 64): the scale
-    for BatchNorm'd 64-channel features) and Adam. Every setting is a parameter; the reasons
+    for BatchNorm'd 64-channel features) and Adam at batch 4. Every setting is a parameter; the reasons
     and measurements are in docs/decisions.md."""
     solver = SolverSettings(base_lr=base_lr, stepvalues=tuple(stepvalues), max_iter=max_iter,
                             gamma=gamma, momentum=momentum, weight_decay=weight_decay,
@@ -202,7 +202,7 @@ def deeper_ssd500_tiny(width: float = 1 / 8, batchnorm: bool = True, input_size:
 
 
 _register("deeper_ssd500_tiny", "Deeper SSD500 at 1/8 width with BatchNorm, small priors, "
-          "600-iteration Adam CPU solver (sample set)", deeper_ssd500_tiny)
+          "1000-iteration Adam CPU solver, batch 4 (sample set)", deeper_ssd500_tiny)
 
 
 # ---------------------------------------------------------------------------------------------
