@@ -88,13 +88,6 @@ def _downstream_of(net: caffe_pb2.NetParameter, layer_type: str) -> List[str]:
     return names
 
 
-def sorted_detections(rows: np.ndarray) -> np.ndarray:
-    """DetectionOutput rows [image, label, score, xmin, ymin, xmax, ymax] as an (N, 7) array
-    ordered by image, label, then score (descending)."""
-    rows = np.asarray(rows).reshape(-1, 7)
-    return rows[np.lexsort((-rows[:, 2], rows[:, 1], rows[:, 0]))]
-
-
 @dataclass
 class LayerDifference:
     """One compared layer output: its shape, the largest |ours − OpenCV| and the largest |ours|.
@@ -127,7 +120,7 @@ class Comparison:
 
 def _difference(name: str, layer_type: str, ours: np.ndarray, theirs: np.ndarray) -> LayerDifference:
     if layer_type == "DetectionOutput":
-        return _detection_difference(name, sorted_detections(ours), sorted_detections(theirs))
+        return _detection_difference(name, np.asarray(ours).reshape(-1, 7), np.asarray(theirs).reshape(-1, 7))
     theirs = np.asarray(theirs).reshape(ours.shape)
     return LayerDifference(name, layer_type, tuple(ours.shape), float(np.abs(ours - theirs).max(initial=0)),
                            float(np.abs(ours).max(initial=0)))

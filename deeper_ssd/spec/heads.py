@@ -24,7 +24,6 @@ docs/decisions.md (SR-TOD) records each choice.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -113,12 +112,17 @@ def _up_widths(head: SRTOD, channels: int, feature_hw: Sequence[int],
     return list(head.channels)
 
 
+#: Caffe solver types whose step is normalised per parameter
+ADAPTIVE_SOLVERS = ("Adam", "RMSProp", "AdaGrad", "AdaDelta")
+
+
 def srtod_layers(head: SRTOD, feature: str, feature_shape: Sequence[int], image: str,
                  image_shape: Sequence[int], mean_value: Sequence[float], scale: float,
-                 train: bool) -> List[caffe_pb2.LayerParameter]:
+                 train: bool, solver_type: str = "SGD") -> List[caffe_pb2.LayerParameter]:
     """The head's layers for feature blob ``feature`` (``N x C x h x w``) and image blob ``image``
     (``N x 3 x H x W``, the data blob with transform ``mean_value``/``scale``). The DGFE output
-    is ``<feature>_dgfe``; the loss is added only when ``train``."""
+    is ``<feature>_dgfe``; the loss is added only when ``train``. ``solver_type`` (Caffe's)
+    decides the threshold's default decay_mult (see :class:`SRTOD`)."""
     _, channels, *feature_hw = feature_shape
     image_hw = list(image_shape[2:])
     n = NetSpec()
@@ -152,8 +156,10 @@ def srtod_layers(head: SRTOD, feature: str, feature_shape: Sequence[int], image:
         dgfe["ste_width"] = head.ste_width
     if head.init == "xavier":
         dgfe.update(weight_filler=dict(type="xavier"), bias_filler=dict(type="constant", value=0))
-    threshold = dict(lr_mult=head.threshold_lr_mult,
-                     decay_mult=1.0 if head.threshold_decay_mult is None else head.threshold_decay_mult)
+    decay = head.threshold_decay_mult
+    if decay is None:
+        decay = 0.0 if solver_type in ADAPTIVE_SOLVERS else 1.0
+    threshold = dict(lr_mult=head.threshold_lr_mult, decay_mult=decay)
     n[f"{feature}_dgfe"] = L.DGFE(n[feature], n.srtod_diffmap, propagate_down=[True, False],
                                   param=[_WEIGHT, _BIAS, _WEIGHT, _BIAS, threshold], **dgfe)
     if train:
@@ -196,10 +202,6 @@ def _srtod_feature(model: SSDModel, source: str) -> str:
     return by_source[source].head_input
 
 
-#: Caffe solver types whose step is normalised per parameter
-ADAPTIVE_SOLVERS = ("Adam", "RMSProp", "AdaGrad", "AdaDelta")
-
-
 @dataclass(frozen=True)
 class SRTODModel(SSDModel):
     """An SSD-family model whose nets carry the SR-TOD head ``head`` (see the module docstring)."""
@@ -209,9 +211,7 @@ class SRTODModel(SSDModel):
         """The plain model's nets with the head attached; the deploy net is shape-checked."""
         plain = super().nets()
         head = self.head
-        if head.threshold_decay_mult is None:
-            adaptive = self.solver is not None and self.solver.type in ADAPTIVE_SOLVERS
-            head = dataclasses.replace(head, threshold_decay_mult=0.0 if adaptive else 1.0)
+        solver_type = self.solver.type if self.solver is not None else "SGD"
         feature, image = _srtod_feature(self, head.source), "data"
         blob_shapes = shapes.plan_net(plain["deploy"], caffe_pb2.TEST, device="meta").blob_shapes
         data_layer = next(layer for layer in plain["test"].layer if layer.type == "AnnotatedData")
@@ -219,7 +219,8 @@ class SRTODModel(SSDModel):
         nets = {}
         for phase, net in plain.items():
             layers = srtod_layers(head, feature, blob_shapes[feature], image, blob_shapes[image],
-                                  transform.mean_value, transform.scale, train=phase == "train")
+                                  transform.mean_value, transform.scale, train=phase == "train",
+                                  solver_type=solver_type)
             nets[phase] = attach_srtod(net, layers, feature)
         shapes.plan_net(nets["deploy"], caffe_pb2.TEST, device="meta")
         return nets
