@@ -63,6 +63,7 @@ class _Step:
     detach: Tuple[bool, ...]              # per bottom: propagate_down false
     loss_weights: Tuple[float, ...]       # per top, 0 = not part of the objective
     free_after: Tuple[int, ...]           # slots whose last reader is this step
+    affine: Optional[Layer] = None        # a BatchNorm step running the next Scale layer too
 
 
 class NetOutputs(dict):
@@ -137,7 +138,30 @@ class Net(torch.nn.Module):
             free = tuple(sorted({s for s in bottom_slots if last_read.get(s) == index and s not in keep}))
             steps.append(_Step(layer, bottom_slots, tuple(self._slot[n] for n in step.tops),
                                detach, weights, free))
-        return steps
+        return self._fuse_batchnorm_scale(steps)
+
+    @staticmethod
+    def _fuse_batchnorm_scale(steps: List[_Step]) -> List[_Step]:
+        """Run each BatchNorm followed directly by an in-place, per-channel Scale with learned
+        blobs (how Caffe nets spell an affine BatchNorm) as one ``native_batch_norm`` call:
+        the same values and gradients, ~12 % less time for the demo model's forward + backward
+        on CPU (docs/performance.md). The Scale layer keeps its blobs and its name; only
+        the separate pass over the activations goes."""
+        fused: List[_Step] = []
+        for step in steps:
+            previous = fused[-1] if fused else None
+            scale = step.layer
+            if (previous is not None and previous.affine is None
+                    and previous.layer.caffe_type == "BatchNorm" and scale.caffe_type == "Scale"
+                    and len(scale.lp.bottom) == 1 and list(scale.lp.top) == list(scale.lp.bottom)
+                    and step.bottom_slots == previous.top_slots
+                    and not any(step.detach) and not any(step.loss_weights)
+                    and not any(previous.loss_weights) and _per_channel(scale)):
+                previous.affine = scale
+                previous.free_after = tuple(sorted(set(previous.free_after) | set(step.free_after)))
+                continue
+            fused.append(step)
+        return fused
 
     def _fill_blobs(self, seed: Optional[int]) -> None:
         """Fill every blob with its layer's filler, in layer then blob order, from one generator
@@ -225,7 +249,8 @@ class Net(torch.nn.Module):
             else:
                 bottoms = [values[s].detach() if cut else values[s]
                            for s, cut in zip(step.bottom_slots, step.detach)]
-                tops = layer(*bottoms)
+                tops = layer(*bottoms, *step.affine.blobs) if step.affine is not None \
+                    else layer(*bottoms)
             if isinstance(tops, torch.Tensor):
                 tops = (tops,)
             for slot, top, weight in zip(step.top_slots, tops, step.loss_weights):
@@ -329,6 +354,13 @@ class Net(torch.nn.Module):
                 layer.blobs[i] = blob
             shared.append(layer.name)
         return shared
+
+
+def _per_channel(layer: Layer) -> bool:
+    """A Scale layer's blobs are ``[C]`` vectors over axis 1 of its bottom ``[N, C, ...]``."""
+    shape = layer.bottom_shapes[0]
+    channel_view = (1, shape[1]) + (1,) * (len(shape) - 2) if len(shape) >= 2 else None
+    return layer.view == channel_view and tuple(layer.blobs[0].shape) == (shape[1],)
 
 
 def _shape_matches(blob: caffe_pb2.BlobProto, shape: Tuple[int, ...]) -> bool:

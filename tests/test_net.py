@@ -179,3 +179,55 @@ def test_in_place_relu_overwrites_only_when_safe():
     out2 = net(data=x2)["out"]
     out2.sum().backward()
     assert torch.allclose(out, out2) and torch.allclose(x.grad, x2.grad)
+
+
+def _batchnorm_scale_net(scale_in_place: bool, bias_term: bool = True):
+    """conv -> BatchNorm (in place) -> Scale (in place: fused by the net; or to a new blob:
+    run as two layers) -> ReLU -> conv."""
+    n = NetSpec()
+    n.data = L.Input(shape=dict(dim=[3, 2, 5, 5]))
+    n.conv = L.Convolution(n.data, num_output=4, kernel_size=3, pad=1, weight_filler=dict(type="xavier"))
+    n.bn = L.BatchNorm(n.conv, in_place=True, batch_norm_param=dict(moving_average_fraction=0.5))
+    scale = dict(bias_term=bias_term, filler=dict(type="uniform", min=0.5, max=1.5))
+    if bias_term:
+        scale["bias_filler"] = dict(type="uniform", min=-0.5, max=0.5)
+    if scale_in_place:
+        n.scale = L.Scale(n.conv, in_place=True, **scale)
+        n.relu = L.ReLU(n.conv, in_place=True)
+    else:
+        n.scale = L.Scale(n.conv, **scale)
+        n.relu = L.ReLU(n.scale, in_place=True)
+    n.out = L.Convolution(n.relu, num_output=2, kernel_size=1, weight_filler=dict(type="xavier"))
+    return n.to_proto("bn_scale")
+
+
+@pytest.mark.parametrize("bias_term", [True, False])
+def test_batchnorm_then_in_place_scale_runs_as_one_kernel_with_the_same_results(monkeypatch, bias_term):
+    """The pair Caffe nets use for an affine BatchNorm is one native_batch_norm call: outputs,
+    gradients of every blob and the running statistics equal the two-layer run, in TRAIN and
+    TEST; the Scale layer keeps its blobs (and its name in a .caffemodel)."""
+    from deeper_ssd.layers.common import Scale
+    fused = Net(_batchnorm_scale_net(True, bias_term), "TRAIN", seed=4).double()
+    plain = Net(_batchnorm_scale_net(False, bias_term), "TRAIN", seed=4).double()
+    x = torch.randn(3, 2, 5, 5, dtype=torch.float64)
+    plain_out = plain(data=x)["out"]
+    plain_out.pow(2).sum().backward()
+    calls = []
+    monkeypatch.setattr(Scale, "forward", lambda self, *a: calls.append(self.name))
+    fused_out = fused(data=x)["out"]
+    fused_out.pow(2).sum().backward()
+    assert calls == []                                        # Scale's own pass did not run
+    assert torch.allclose(fused_out, plain_out, atol=1e-12)
+    for name in ("conv", "bn", "scale", "out"):
+        for a, b in zip(fused.params[name], plain.params[name]):
+            assert torch.allclose(a, b, atol=1e-12), name     # BatchNorm running sums too
+            if a.requires_grad:
+                assert torch.allclose(a.grad, b.grad, atol=1e-12), name
+    assert len(fused.params["scale"]) == (2 if bias_term else 1)
+    test_fused = Net(_batchnorm_scale_net(True, bias_term), "TEST").double()
+    test_plain = Net(_batchnorm_scale_net(False, bias_term), "TEST").double()
+    test_fused.load_caffemodel(fused.to_proto())
+    test_plain.load_caffemodel(fused.to_proto())
+    monkeypatch.undo()
+    with torch.no_grad():
+        assert torch.allclose(test_fused(data=x)["out"], test_plain(data=x)["out"], atol=1e-12)

@@ -344,14 +344,18 @@ class BatchNorm(_Identity):
             self.add_blob(blob_shape, None, learnable=False)
         return super().setup(bottoms)
 
-    def forward(self, x):
+    def forward(self, x, scale=None, bias=None):
+        """``x`` [N, C, ...]. ``scale``/``bias`` [C]: the learned blobs of an in-place Scale
+        layer that follows, when the net runs the pair as one kernel (``Net`` decides); the
+        result is then Scale's output."""
         mean_sum, var_sum, weight = self.blobs
         if self.use_global_stats:
             factor = torch.where(weight == 0, torch.zeros_like(weight), 1.0 / weight)
-            return F.batch_norm(x, mean_sum * factor, var_sum * factor, training=False, eps=self.eps)
+            return F.batch_norm(x, mean_sum * factor, var_sum * factor, scale, bias,
+                                training=False, eps=self.eps)
         # one fused kernel normalises with the batch mean and biased variance (as Caffe) and
         # returns them; Caffe's running sums are then updated from those
-        y, mean, inv_std = torch.native_batch_norm(x, None, None, None, None, True, 0.0, self.eps)
+        y, mean, inv_std = torch.native_batch_norm(x, scale, bias, None, None, True, 0.0, self.eps)
         with torch.no_grad():
             m = x.numel() // x.shape[1]
             var = inv_std.pow(-2) - self.eps
