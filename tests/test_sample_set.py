@@ -33,7 +33,7 @@ def test_default_set_builds_quickly_with_lmdbs_and_lists(sample):
         assert first.datum.encoded and (first.datum.height, first.datum.width) == (360, 480)
         db.close()
     sizes = (out / "test_name_size.txt").read_text().splitlines()
-    assert len(sizes) == 100 and sizes[0] == "test_00300 360 480"
+    assert len(sizes) == 100 and sizes[0] == "test_00000 360 480"
     assert 'name: "drone"' in (out / "labelmap_drone.prototxt").read_text()
 
 
@@ -65,6 +65,11 @@ def test_same_seed_same_files(tmp_path):
     assert (tmp_path / "a/JPEGImages/trainval_00003.jpg").read_bytes() != \
         (tmp_path / "c/JPEGImages/trainval_00003.jpg").read_bytes()
     assert a.objects == b.objects
+    # the test images do not depend on the number of training images
+    make_sample_set(tmp_path / "d", seed=4, train=3, test=2)
+    for name in ("JPEGImages/test_00001.jpg", "Annotations/test_00001.xml", "test.txt",
+                 "test_name_size.txt"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "d" / name).read_bytes()
 
 
 def test_airframes_render():
@@ -78,7 +83,7 @@ def test_airframes_render():
 def test_make_sample_command(tmp_path, capsys):
     assert cli.main(["make-sample", "--out", str(tmp_path / "s"), "--train", "3", "--test", "2"]) == 0
     assert "3 train + 2 test images" in capsys.readouterr().out
-    img = cv2.imread(str(tmp_path / "s" / "JPEGImages" / "test_00003.jpg"))
+    img = cv2.imread(str(tmp_path / "s" / "JPEGImages" / "test_00001.jpg"))
     assert img.shape == (360, 480, 3)
     assert cli.main(["make-sample", "--out", str(tmp_path / "t"), "--backgrounds", str(tmp_path)]) == 2
     assert "no readable background photos" in capsys.readouterr().err
