@@ -160,6 +160,10 @@ def test_tiny_model_departs_from_the_fork_where_docs_decisions_says():
     assert layers["conv4_3_norm"].norm_param.scale_filler.value == pytest.approx(7)
     transform = layers["data"].transform_param
     assert not transform.HasField("expand_param") or transform.expand_param.prob == 0
+    assert not transform.HasField("distort_param")            # no photometric distortion
+    assert len(layers["data"].annotated_data_param.batch_sampler) == 1     # the whole image only
+    mbox = layers["mbox_loss"].multibox_loss_param
+    assert (mbox.overlap_threshold, mbox.neg_overlap) == (pytest.approx(0.25), pytest.approx(0.25))
     solver = zoo.solver_for(zoo.get("deeper_ssd500_tiny"))
     assert (solver.type, solver.momentum2, solver.base_lr) == ("Adam", pytest.approx(0.999), pytest.approx(0.001))
     assert solver.test_iter[0] * 10 == 100                    # 10 batches of 10: each test image once
@@ -169,6 +173,10 @@ def test_tiny_model_departs_from_the_fork_where_docs_decisions_says():
     filler = fork_layers["conv1_1"].convolution_param.weight_filler
     assert (filler.type, filler.std) == ("gaussian", pytest.approx(0.01))
     assert fork_layers["fc7_bn"].batch_norm_param.moving_average_fraction == pytest.approx(0.999)
+    assert len(fork_layers["data"].annotated_data_param.batch_sampler) == 7
+    assert fork_layers["data"].transform_param.HasField("distort_param")
+    fork_mbox = fork_layers["mbox_loss"].multibox_loss_param
+    assert (fork_mbox.overlap_threshold, fork_mbox.neg_overlap) == (pytest.approx(0.5), pytest.approx(0.5))
     with pytest.raises(ValueError, match="moving_average_fraction"):
         zoo.get("deeper_ssd500_tiny", bn_moving_average_fraction=1.0).nets()
 

@@ -32,7 +32,7 @@ __all__ = [
     "FeatureNet", "ExtraConv", "SSD300_EXTRAS", "SSD512_EXTRAS", "SSD_SOURCES", "vgg16_reduced",
     "extra_pair", "add_extra_layers", "PriorSpec", "ratio_rule_sizes", "default_aspect_ratios",
     "default_step",
-    "priors_per_cell", "multibox_head", "Dataset", "TrainTransform", "Detection", "SSDModel",
+    "priors_per_cell", "multibox_head", "Dataset", "TrainTransform", "Detection", "Matching", "SSDModel",
     "SSDPlan", "PredictionLayer",
 ]
 
@@ -333,12 +333,15 @@ class Dataset:
 
 @dataclass(frozen=True)
 class TrainTransform:
-    """The SSD training augmentation (ssd_pascal.py:89-211); fork values by default."""
+    """The SSD training augmentation (ssd_pascal.py:89-211); fork values by default.
+    ``random_crop=False`` keeps only the whole-image batch_sampler (no crop samplers), the
+    expansion still applies when ``expand_prob`` > 0."""
     mirror: bool = True
     mean_value: Tuple[float, ...] = (104, 117, 123)
     expand_prob: float = 0.5
     max_expand_ratio: float = 4.0
     distort: bool = True
+    random_crop: bool = True
     min_jaccard_overlaps: Tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)
     min_crop_scale: float = 0.3
 
@@ -353,9 +356,22 @@ class Detection:
     overlap_threshold: float = 0.5
 
 
+@dataclass(frozen=True)
+class Matching:
+    """MultiBoxLoss matching and hard-negative mining (fork defaults). A prior is positive at
+    IoU >= ``overlap_threshold`` with a ground-truth box (besides each box's best prior); only
+    priors under ``neg_overlap`` with every box may be mined as negatives, ``neg_pos_ratio``
+    of them per positive."""
+    overlap_threshold: float = 0.5
+    neg_overlap: float = 0.5
+    neg_pos_ratio: float = 3.0
+
+
 def _batch_samplers(t: TrainTransform) -> list:
     sampler = dict(min_scale=t.min_crop_scale, max_scale=1.0, min_aspect_ratio=0.5, max_aspect_ratio=2.0)
     samplers = [dict(max_sample=1, max_trials=1)]
+    if not t.random_crop:
+        return samplers
     samplers += [dict(sampler=sampler, sample_constraint=dict(min_jaccard_overlap=j), max_sample=1,
                       max_trials=50) for j in t.min_jaccard_overlaps]
     samplers.append(dict(sampler=sampler, sample_constraint=dict(max_jaccard_overlap=1.0),
@@ -443,6 +459,7 @@ class SSDModel:
     test_batch_size: int = 8
     transform: TrainTransform = TrainTransform()
     detection: Detection = Detection()
+    matching: Matching = Matching()
     solver: Optional[SolverSettings] = None
 
     def replace(self, **changes) -> "SSDModel":
@@ -529,8 +546,10 @@ class SSDModel:
                 multibox_loss_param=dict(
                     loc_loss_type="SMOOTH_L1", conf_loss_type="SOFTMAX", loc_weight=1.0,
                     num_classes=data.num_classes, share_location=True, match_type="PER_PREDICTION",
-                    overlap_threshold=0.5, use_prior_for_matching=True, background_label_id=0,
-                    use_difficult_gt=True, neg_pos_ratio=3.0, neg_overlap=0.5, code_type="CENTER_SIZE",
+                    overlap_threshold=self.matching.overlap_threshold, use_prior_for_matching=True,
+                    background_label_id=0, use_difficult_gt=True,
+                    neg_pos_ratio=self.matching.neg_pos_ratio, neg_overlap=self.matching.neg_overlap,
+                    code_type="CENTER_SIZE",
                     ignore_cross_boundary_bbox=False, mining_type="MAX_NEGATIVE"))
             return n.to_proto(f"{self.net_name}_train")
         det = self.detection

@@ -24,7 +24,8 @@ from .. import io, shapes
 from ..proto import caffe_pb2
 from .deeper import DEEPER_SSD500_EXTRAS, DEEPER_SSD500_SOURCES, down_module, up_module
 from .solver import PAPER_SOLVER, SSD_VOC0712_SOLVER, SolverSettings, build_solver
-from .ssd import SSD300_EXTRAS, SSD512_EXTRAS, SSD_SOURCES, Dataset, Detection, SSDModel, TrainTransform
+from .ssd import (SSD300_EXTRAS, SSD512_EXTRAS, SSD_SOURCES, Dataset, Detection, Matching, SSDModel,
+                  TrainTransform)
 
 __all__ = ["VOC0712", "DRONE", "DRONE_SAMPLE", "names", "get", "description", "write_model",
            "ModelSummary", "summarize", "PHASES"]
@@ -173,19 +174,25 @@ def deeper_ssd500_tiny(width: float = 1 / 8, batchnorm: bool = True, input_size:
                            (200, 280), (280, 370), (370, 460)),
                        conv4_3_normalization: float = 7.0,
                        batchnorm_filler: str = "msra", bn_moving_average_fraction: float = 0.9,
-                       expand_prob: float = 0.0, batch_size: int = 4, test_batch_size: int = 10,
-                       solver_type: str = "Adam", base_lr: float = 0.001, max_iter: int = 1000,
-                       stepvalues: Tuple[int, ...] = (800,), gamma: float = 0.1,
+                       expand_prob: float = 0.0, random_crop: bool = False, distort: bool = False,
+                       overlap_threshold: float = 0.25, neg_overlap: float = 0.25,
+                       batch_size: int = 4, test_batch_size: int = 10,
+                       solver_type: str = "Adam", base_lr: float = 0.001, max_iter: int = 800,
+                       stepvalues: Tuple[int, ...] = (640,), gamma: float = 0.1,
                        momentum: float = 0.9, weight_decay: float = 0.0005,
-                       test_interval: int = 1000, dataset: Dataset = DRONE_SAMPLE) -> SSDModel:
+                       test_interval: int = 800, dataset: Dataset = DRONE_SAMPLE) -> SSDModel:
     """Deeper SSD500 at 1/8 width with BatchNorm + Scale after every feature convolution, sized
     to train on this project's 2-core CPU within the demo's 15 minutes: a 12 px first prior (the
     sample set is 63 % small drones, <= 17 px at 500x500), no zoom-out expansion (it would
     shrink them further), MSRA weights under BatchNorm, a fast BatchNorm average (0.9: with
     0.999 the averages of a 500-iteration run lag the drifting weights and the test net's
     activations grow layer after layer), conv4_3 Normalize 7 (20 / sqrt(512 / 64): the scale
-    for BatchNorm'd 64-channel features) and Adam at batch 4. Every setting is a parameter; the reasons
-    and measurements are in docs/decisions.md."""
+    for BatchNorm'd 64-channel features), MultiBoxLoss matching and mining thresholds of 0.25
+    (a drone of a few pixels gets several positive priors, and the neighbours that half
+    overlap it are no longer mined as negatives), no crop samplers or photometric distortion
+    (crops enlarge the drones to sizes the test set lacks) and Adam at batch 4 for 800
+    iterations. Every setting is a parameter; the reasons and measurements are in
+    docs/decisions.md."""
     solver = SolverSettings(base_lr=base_lr, stepvalues=tuple(stepvalues), max_iter=max_iter,
                             gamma=gamma, momentum=momentum, weight_decay=weight_decay,
                             snapshot=max_iter, test_interval=test_interval, solver_mode="CPU",
@@ -196,13 +203,15 @@ def deeper_ssd500_tiny(width: float = 1 / 8, batchnorm: bool = True, input_size:
                     normalizations={"conv4_3": conv4_3_normalization},
                     batchnorm_filler=(("type", batchnorm_filler),),
                     bn_moving_average_fraction=bn_moving_average_fraction,
-                    transform=TrainTransform(expand_prob=expand_prob),
+                    transform=TrainTransform(expand_prob=expand_prob, random_crop=random_crop,
+                                             distort=distort),
+                    matching=Matching(overlap_threshold=overlap_threshold, neg_overlap=neg_overlap),
                     batch_size=batch_size, test_batch_size=test_batch_size, detection=PAPER_DETECTION,
                     solver=solver)
 
 
 _register("deeper_ssd500_tiny", "Deeper SSD500 at 1/8 width with BatchNorm, small priors, "
-          "1000-iteration Adam CPU solver, batch 4 (sample set)", deeper_ssd500_tiny)
+          "matching 0.25, 800-iteration Adam CPU solver, batch 4 (sample set)", deeper_ssd500_tiny)
 
 
 # ---------------------------------------------------------------------------------------------
