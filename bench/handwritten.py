@@ -1,5 +1,6 @@
-"""SSD300 and Deeper SSD500 written by hand as plain ``nn.Module`` s: the baselines that the
-executor (bench/executor.py) and the training step (bench/train_step.py) are measured against.
+"""SSD300, Deeper SSD500 and the demo's 1/8-width BatchNorm'd Deeper SSD500 written by hand as
+plain ``nn.Module`` s: the baselines that the executor (bench/executor.py) and the training step
+(bench/train_step.py) are measured against.
 
 Nothing here reads a prototxt: layers are typed out as an ordinary PyTorch user would (VGG16
 reduced body, extra layers, L2Norm, heads, permute/flatten/concat, softmax), priors are
@@ -79,29 +80,39 @@ class HandSSD(nn.Module):
     [N, K*C] logits, priors [1, 2, 4K])``; ``detect(x)`` adds softmax and DetectionOutput."""
 
     def __init__(self, extras: Sequence[Extra], heads: Sequence[Head], image: int, num_classes: int,
-                 detection_output=None):
+                 detection_output=None, width: float = 1.0, batchnorm: bool = False):
+        """``width`` scales every feature convolution's channels (rounded, at least 1);
+        ``batchnorm`` puts an affine ``nn.BatchNorm2d`` after each (the convolution then has
+        no bias), as the zoo's ``width``/``batchnorm`` settings do."""
         super().__init__()
         self.num_classes = num_classes
         self.convs = nn.ModuleDict()
+        self.norms = nn.ModuleDict()
+
+        def add(name: str, c_in: int, c_out: int, kernel: int, **kwargs) -> int:
+            c_out = max(1, int(round(c_out * width)))
+            self.convs[name] = nn.Conv2d(c_in, c_out, kernel, bias=not batchnorm, **kwargs)
+            if batchnorm:
+                self.norms[name] = nn.BatchNorm2d(c_out, eps=0.001)      # the fork's ConvBNLayer eps
+            return c_out
+
         channels = 3
         for entry in VGG16:
             if entry != "pool":
-                name, out = entry
-                self.convs[name] = nn.Conv2d(channels, out, 3, padding=1)
-                channels = out
-        self.convs["fc6"] = nn.Conv2d(512, 1024, 3, padding=6, dilation=6)
-        self.convs["fc7"] = nn.Conv2d(1024, 1024, 1)
+                channels = add(entry[0], channels, entry[1], 3, padding=1)
+        conv4_3 = self.convs["conv4_3"].out_channels
+        channels = add("fc6", channels, 1024, 3, padding=6, dilation=6)
+        channels = add("fc7", channels, 1024, 1)
         self.extras = list(extras)
-        channels = 1024
+        source_channels = {"conv4_3": conv4_3, "fc7": channels}
         for e in self.extras:
-            self.convs[f"conv{e.index}_1"] = nn.Conv2d(channels, e.mid, 1)
-            self.convs[f"conv{e.index}_2"] = nn.Conv2d(e.mid, e.out, 3, stride=e.stride, padding=e.pad)
-            channels = e.out
-        self.norm_scale = nn.Parameter(torch.full((512,), 20.0))
+            mid = add(f"conv{e.index}_1", channels, e.mid, 1)
+            channels = add(f"conv{e.index}_2", mid, e.out, 3, stride=e.stride, padding=e.pad)
+            source_channels[f"conv{e.index}_2"] = channels
+        self.norm_scale = nn.Parameter(torch.full((conv4_3,), 20.0))
         self.heads = list(heads)
         self.loc = nn.ModuleDict()
         self.conf = nn.ModuleDict()
-        source_channels = {"conv4_3": 512, "fc7": 1024, **{f"conv{e.index}_2": e.out for e in self.extras}}
         self.boxes_per_cell = []
         for head in self.heads:
             per_cell = len(ratios(head.aspect_ratios)) + 1
@@ -134,19 +145,25 @@ class HandSSD(nn.Module):
             if entry == "pool":
                 x = F.max_pool2d(x, 2, 2, ceil_mode=True)
             else:
-                x = F.relu(self.convs[entry[0]](x), inplace=True)
+                x = self._conv_relu(entry[0], x)
                 if entry[0] == "conv4_3":
                     norm = x.pow(2).sum(1, keepdim=True).add(1e-10).sqrt()
                     found["conv4_3"] = x / norm * self.norm_scale.view(1, -1, 1, 1)
         x = F.max_pool2d(x, 3, 1, 1, ceil_mode=True)
-        x = F.relu(self.convs["fc6"](x), inplace=True)
-        x = F.relu(self.convs["fc7"](x), inplace=True)
+        x = self._conv_relu("fc6", x)
+        x = self._conv_relu("fc7", x)
         found["fc7"] = x
         for e in self.extras:
-            x = F.relu(self.convs[f"conv{e.index}_1"](x), inplace=True)
-            x = F.relu(self.convs[f"conv{e.index}_2"](x), inplace=True)
+            x = self._conv_relu(f"conv{e.index}_1", x)
+            x = self._conv_relu(f"conv{e.index}_2", x)
             found[f"conv{e.index}_2"] = x
         return found
+
+    def _conv_relu(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        x = self.convs[name](x)
+        if name in self.norms:
+            x = self.norms[name](x)
+        return F.relu(x, inplace=True)
 
     def forward(self, x: torch.Tensor):
         found = self.features(x)
@@ -170,7 +187,11 @@ class HandSSD(nn.Module):
         params = net.params
         for name, module in list(self.convs.items()) + list(self.loc.items()) + list(self.conf.items()):
             module.weight.copy_(params[name][0])
-            module.bias.copy_(params[name][1])
+            if module.bias is not None:
+                module.bias.copy_(params[name][1])
+        for name, norm in self.norms.items():            # Caffe: <conv>_bn statistics, <conv>_scale affine
+            norm.weight.copy_(params[f"{name}_scale"][0])
+            norm.bias.copy_(params[f"{name}_scale"][1])
         self.norm_scale.copy_(params["conv4_3_norm"][0])
 
 
@@ -190,3 +211,15 @@ DEEPER_SSD500_HEADS = [Head("conv4_3", 50, 100, (2,), 8), Head("fc7", 100, 150, 
 def deeper_ssd500(num_classes: int = 2, detection_output=None) -> HandSSD:
     """Deeper SSD500 (paper Table 1): conv7_2 keeps 16x16, conv8_2 ... conv12_2 go 14 ... 6."""
     return HandSSD(DEEPER_SSD500_EXTRAS, DEEPER_SSD500_HEADS, 500, num_classes, detection_output)
+
+
+DEEPER_SSD500_TINY_HEADS = [Head(h.source, mn, mx, h.aspect_ratios, h.step) for h, (mn, mx) in zip(
+    DEEPER_SSD500_HEADS, [(12, 24), (24, 40), (40, 64), (64, 96), (96, 140), (140, 200), (200, 280),
+                          (280, 370), (370, 460)])]
+
+
+def deeper_ssd500_tiny(num_classes: int = 2, detection_output=None) -> HandSSD:
+    """The demo's model (zoo ``deeper_ssd500_tiny``): Deeper SSD500 at 1/8 width with BatchNorm
+    after every feature convolution and its small priors."""
+    return HandSSD(DEEPER_SSD500_EXTRAS, DEEPER_SSD500_TINY_HEADS, 500, num_classes, detection_output,
+                   width=1 / 8, batchnorm=True)

@@ -1,9 +1,10 @@
 """One SGD iteration (forward, MultiBoxLoss, backward, update): the trainer vs hand-written PyTorch.
 
-    python bench/train_step.py [--models ssd300 deeper_ssd500] [--batch 8] [--rounds 3] [--device cpu]
+    python bench/train_step.py [--models ssd300 deeper_ssd500 deeper_ssd500_tiny] [--batch 8]
+                               [--rounds 3] [--device cpu]
 
 *Ours* is one ``Solver.step(1)`` of deeper_ssd.solver on the generated train net
-(prototxt/ssd300_voc0712, prototxt/deeper_ssd500): zeroing the gradients, the executor's forward
+(prototxt/ssd300_voc0712, prototxt/deeper_ssd500, prototxt/deeper_ssd500_tiny): zeroing the gradients, the executor's forward
 with MultiBoxLoss, backward, the loss/gradient-norm check, the smoothed loss, Caffe's SGD update.
 *Hand-written* is the same network typed out as plain modules (bench/handwritten.py), the same
 MultiBoxLoss layer object, ``torch.optim.SGD`` (momentum 0.9, weight decay 5e-4 on weights,
@@ -39,6 +40,7 @@ from deeper_ssd.solver import Solver  # noqa: E402
 MODELS = {
     "ssd300": ("prototxt/ssd300_voc0712", handwritten.ssd300, 21),
     "deeper_ssd500": ("prototxt/deeper_ssd500", handwritten.deeper_ssd500, 2),
+    "deeper_ssd500_tiny": ("prototxt/deeper_ssd500_tiny", handwritten.deeper_ssd500_tiny, 2),
 }
 
 
@@ -65,6 +67,7 @@ def our_solver(folder: str, batch: int, device: str) -> Solver:
     param.ClearField("train_net")
     param.train_net_param.CopyFrom(net)
     param.random_seed = 0
+    param.type = "SGD"             # the tiny model trains with Adam; both sides time SGD here
     return Solver(param, device=device, log=lambda message: None)
 
 
