@@ -4,8 +4,9 @@
                                [--rounds 3] [--device cpu]
 
 *Ours* is one ``Solver.step(1)`` of deeper_ssd.solver on the generated train net
-(prototxt/ssd300_voc0712, prototxt/deeper_ssd500, prototxt/deeper_ssd500_tiny): zeroing the gradients, the executor's forward
-with MultiBoxLoss, backward, the loss/gradient-norm check, the smoothed loss, Caffe's SGD update.
+(prototxt/ssd300_voc0712, prototxt/deeper_ssd500, prototxt/deeper_ssd500_tiny, the last with
+SGD instead of its Adam): zeroing the gradients, the executor's forward with MultiBoxLoss,
+backward, the loss/gradient-norm check, the smoothed loss, Caffe's SGD update.
 *Hand-written* is the same network typed out as plain modules (bench/handwritten.py), the same
 MultiBoxLoss layer object, ``torch.optim.SGD`` (momentum 0.9, weight decay 5e-4 on weights,
 biases at 2x lr without decay) and ``loss.item()`` per step, as a PyTorch user writes it. Both

@@ -2,8 +2,9 @@
 
 :func:`make_sample_set` draws, with a fixed seed, ``train + test`` images of ``width x height``
 pixels (the two subsets from separate random streams, so the test images are the same whatever
-the number of training images): a random crop of one of the background photos in ``data/sample/backgrounds`` (sky, city,
-landscape; sources and licences in data/sample/README.md) with one to three drones on it. A drone
+the number of training images): a random crop of one of the background photos in
+``data/sample/backgrounds`` (sky, city, landscape; sources and licences in
+data/sample/README.md) with one to three drones on it. A drone
 is a silhouette of a quadcopter, hexacopter or fixed-wing airframe, rendered at 4x and reduced
 (anti-aliased), rotated, squashed for perspective, blurred, hazed toward the sky colour and given
 a random contrast. Box sizes follow the paper's Table 2 buckets of ``box area / image area``:
@@ -161,6 +162,42 @@ def _draw_drone(img: np.ndarray, alpha: np.ndarray, x: int, y: int, rng: np.rand
     return x + xs.min(), y + ys.min(), x + xs.max(), y + ys.max()
 
 
+def _draw_image(photos: Sequence[np.ndarray], width: int, height: int,
+                rng: np.random.Generator) -> Tuple[np.ndarray, List[_Object]]:
+    """One sample image (``height x width x 3`` BGR): a random crop of a random photo, mirrored
+    half the time, with one to three drones whose sizes follow the Table 2 buckets."""
+    photo = photos[int(rng.integers(len(photos)))]
+    ph, pw = photo.shape[:2]
+    crop = rng.uniform(0.55, 1.0)
+    ch, cw = int(ph * crop), int(min(pw, ph * crop * width / height))
+    y0, x0 = int(rng.integers(0, ph - ch + 1)), int(rng.integers(0, pw - cw + 1))
+    img = cv2.resize(photo[y0:y0 + ch, x0:x0 + cw], (width, height), interpolation=cv2.INTER_AREA)
+    if rng.uniform() < 0.5:
+        img = np.ascontiguousarray(img[:, ::-1])
+    probabilities = _bucket_probabilities()
+    image_area = width * height
+    objects: List[_Object] = []
+    for _ in range(int(rng.choice([1, 1, 2, 2, 3]))):
+        bucket = int(rng.choice(len(SIZE_BUCKETS), p=probabilities))
+        _, upper, _ = SIZE_BUCKETS[bucket]
+        lower = SIZE_BUCKETS[bucket - 1][1] if bucket else _LOWEST_RATIO
+        ratio = math.exp(rng.uniform(math.log(lower * 1.05), math.log(upper * 0.95)))
+        kind = AIRFRAMES[int(rng.integers(len(AIRFRAMES)))]
+        alpha = _pose(render_airframe(kind, rng, 128 if ratio < 0.01 else 256), kind, rng)
+        placed = _place(alpha, ratio * image_area, (height, width), [o.box for o in objects], rng)
+        if placed is None:
+            continue
+        scaled, x, y = placed
+        ys, xs = np.nonzero(scaled > 0.25)
+        if len(xs) == 0 or np.ptp(xs) < 2 or np.ptp(ys) < 2:
+            continue                # too thin to give a box of positive area
+        box = _draw_drone(img, scaled, x, y, rng)
+        # the size the LMDB stores: normalised (xmax - xmin) * (ymax - ymin), VOC coordinates
+        area = (box[2] - box[0]) * (box[3] - box[1]) / image_area
+        objects.append(_Object(box, size_bucket(area), kind))
+    return img, objects
+
+
 def _voc_xml(name: str, width: int, height: int, objects: Sequence[_Object]) -> str:
     parts = [f"<annotation>\n  <folder>sample</folder>\n  <filename>{name}.jpg</filename>\n"
              f"  <size>\n    <width>{width}</width>\n    <height>{height}</height>\n    <depth>3</depth>\n  </size>\n"]
@@ -211,44 +248,17 @@ def make_sample_set(out: Path, seed: int = 0, train: int = 300, test: int = 100,
         raise ValueError("train and test need at least one image each")
     (out / "JPEGImages").mkdir(parents=True, exist_ok=True)
     (out / "Annotations").mkdir(parents=True, exist_ok=True)
-    probabilities = _bucket_probabilities()
     counts = {name: 0 for name, _, _ in SIZE_BUCKETS}
     lists = {"trainval": [], "test": []}
-    image_area = width * height
     # each subset draws from its own stream, so the test images do not depend on ``train``
     subsets = (("trainval", train, np.random.default_rng([seed, 0])),
                ("test", test, np.random.default_rng([seed, 1])))
     for subset, count, rng in subsets:
         for index in range(count):
             name = f"{subset}_{index:05d}"
-            photo = photos[int(rng.integers(len(photos)))]
-            ph, pw = photo.shape[:2]
-            crop = rng.uniform(0.55, 1.0)
-            ch, cw = int(ph * crop), int(min(pw, ph * crop * width / height))
-            y0, x0 = int(rng.integers(0, ph - ch + 1)), int(rng.integers(0, pw - cw + 1))
-            img = cv2.resize(photo[y0:y0 + ch, x0:x0 + cw], (width, height), interpolation=cv2.INTER_AREA)
-            if rng.uniform() < 0.5:
-                img = np.ascontiguousarray(img[:, ::-1])
-            objects: List[_Object] = []
-            for _ in range(int(rng.choice([1, 1, 2, 2, 3]))):
-                bucket = int(rng.choice(len(SIZE_BUCKETS), p=probabilities))
-                name_b, upper, _ = SIZE_BUCKETS[bucket]
-                lower = SIZE_BUCKETS[bucket - 1][1] if bucket else _LOWEST_RATIO
-                ratio = math.exp(rng.uniform(math.log(lower * 1.05), math.log(upper * 0.95)))
-                kind = AIRFRAMES[int(rng.integers(len(AIRFRAMES)))]
-                alpha = _pose(render_airframe(kind, rng, 128 if ratio < 0.01 else 256), kind, rng)
-                placed = _place(alpha, ratio * image_area, (height, width), [o.box for o in objects], rng)
-                if placed is None:
-                    continue
-                scaled, x, y = placed
-                ys, xs = np.nonzero(scaled > 0.25)
-                if len(xs) == 0 or np.ptp(xs) < 2 or np.ptp(ys) < 2:
-                    continue                # too thin to give a box of positive area
-                box = _draw_drone(img, scaled, x, y, rng)
-                # the size the LMDB stores: normalised (xmax - xmin) * (ymax - ymin), VOC coordinates
-                area = (box[2] - box[0]) * (box[3] - box[1]) / image_area
-                objects.append(_Object(box, size_bucket(area), kind))
-                counts[size_bucket(area)] += 1
+            img, objects = _draw_image(photos, width, height, rng)
+            for obj in objects:
+                counts[obj.bucket] += 1
             cv2.imwrite(str(out / "JPEGImages" / f"{name}.jpg"), img, [cv2.IMWRITE_JPEG_QUALITY, 92])
             (out / "Annotations" / f"{name}.xml").write_text(_voc_xml(name, width, height, objects))
             lists[subset].append(f"JPEGImages/{name}.jpg Annotations/{name}.xml\n")
