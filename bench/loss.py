@@ -5,7 +5,7 @@
 For each configuration (SSD300's 8732 priors with 21 classes; Deeper SSD500's 28132 priors, read
 from prototxt/deeper_ssd500/deploy.prototxt, with its 2 classes and with 21) it draws one batch
 with 1-20 objects per image and random loc/conf values, then times, alternating, the batched
-layer (``deeper_ssd.layers.ssd.MultiBoxLoss``) and the deliberately simple per-image reference
+layer (``deeper_ssd.layers.multibox_loss.MultiBoxLoss``) and the deliberately simple per-image reference
 (``tests/multibox_reference.py``), both forward + backward with SSD's loss settings. It prints
 the median times, their ratio and the peak memory of each (each variant measured once in a fresh
 subprocess: peak resident-set growth over the inputs, sampled every 0.5 ms, on CPU;
@@ -28,7 +28,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from deeper_ssd import io, shapes  # noqa: E402
-from deeper_ssd.layers.ssd import MultiBoxLoss, PriorBox  # noqa: E402
+from deeper_ssd.layers.multibox_loss import MultiBoxLoss  # noqa: E402
+from deeper_ssd.layers.priorbox import PriorBox  # noqa: E402
 from deeper_ssd.proto import caffe_pb2  # noqa: E402
 
 VARIANCE = "variance: 0.1 variance: 0.1 variance: 0.2 variance: 0.2"

@@ -309,7 +309,7 @@ def _setting_arg(text: str):
 
 
 def _zoo_model(name: str, settings=()):
-    from .spec import zoo
+    from .builder import zoo
     try:
         return zoo.get(name, **dict(settings))
     except KeyError as err:
@@ -344,7 +344,7 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
                    "reconstructs from and enhances (default conv4_3; others get _srtod_<BLOB>)")
     p.add_argument("--head-set", dest="head_settings", action="append", type=_setting_arg,
                    default=[], metavar="NAME=VALUE",
-                   help="override a head setting (deeper_ssd.spec.heads.SRTOD or ZoomIn fields)")
+                   help="override a head setting (deeper_ssd.builder.heads.SRTOD or ZoomIn fields)")
 
 
 def _with_head(model, args):
@@ -357,7 +357,7 @@ def _with_head(model, args):
             raise UsageError("--srtod-source and --head-set need --head")
         return model
     import dataclasses
-    from .spec import heads
+    from .builder import heads
     kind, attach = {"srtod": (heads.SRTOD, heads.with_srtod),
                     "zoomin": (heads.ZoomIn, heads.with_zoomin)}[args.head]
     if args.srtod_source and args.head != "srtod":
@@ -373,7 +373,7 @@ def _with_head(model, args):
 
 def _write_model(model, out: str):
     """Write a zoo model's files (a ZoomInNet student writes its teacher's too); returns the paths."""
-    from .spec import heads, zoo
+    from .builder import heads, zoo
     if isinstance(model, heads.ZoomInModel):
         return heads.write_zoomin(model, out)
     return zoo.write_model(model, out)
@@ -382,7 +382,7 @@ def _write_model(model, out: str):
 @command("generate", "write prototxt/<model>/{train,test,deploy,solver}.prototxt for zoo models",
          _generate_arguments)
 def cmd_generate(args) -> int:
-    from .spec import zoo
+    from .builder import zoo
     if args.all == bool(args.models):
         raise UsageError("name models or give --all")
     for name in zoo.names() if args.all else args.models:
@@ -403,7 +403,7 @@ def _zoo_arguments(p: argparse.ArgumentParser) -> None:
          _zoo_arguments)
 def cmd_zoo(args) -> int:
     import json
-    from .spec import zoo
+    from .builder import zoo
     summaries = [_checked(_zoo_model(name), lambda m: zoo.summarize(m.name, m))
                  for name in (args.models or zoo.names())]
     if args.format == "json":
@@ -412,7 +412,7 @@ def cmd_zoo(args) -> int:
                                gflops=round(s.gflops, 3), description=s.description)
                           for s in summaries], indent=1))
         return 0
-    from .spec.paper import markdown_table
+    from .builder.paper import markdown_table
     print(markdown_table(
         ["model", "input", "pred. layers", "priors", "params (M)", "GFLOPs", "description"],
         [[s.name, f"{s.input_size}x{s.input_size}", str(s.prediction_layers), str(s.priors),
@@ -432,7 +432,7 @@ def _layer_sizes_arguments(p: argparse.ArgumentParser) -> None:
          _layer_sizes_arguments)
 def cmd_layer_sizes(args) -> int:
     from . import shapes
-    from .spec import paper
+    from .builder import paper
     if args.model:
         net = _checked(_zoo_model(args.model), lambda m: m.nets()["deploy"])
         print(shapes.format_table(shapes.infer_shapes(net, caffe_pb2.TEST)))
@@ -453,7 +453,7 @@ def _draw_arguments(p: argparse.ArgumentParser) -> None:
 @command("draw", "draw a net: layers, blobs and their shapes (like Caffe's draw_net)", _draw_arguments)
 def cmd_draw(args) -> int:
     from pathlib import Path
-    from .spec import draw, zoo
+    from .builder import draw, zoo
     if not Path(args.net).exists() and args.net in zoo.names():
         net = _checked(_zoo_model(args.net), lambda m: m.nets()["deploy"])
     else:
@@ -780,7 +780,7 @@ def cmd_demo(args) -> int:
             raise UsageError("run the demo from the repository root (data/labelmap_drone.prototxt "
                              "is read relative to the working directory, as Caffe does)")
         from .data.sample import make_sample_set
-        from .spec import zoo
+        from .builder import zoo
         model = _zoo_model(DEMO_MODEL)
         data = Path(model.dataset.train_source).parent
         print(f"[1/4] sample set -> {data}", flush=True)

@@ -2,7 +2,7 @@
 difference map and DGFE's binary mask, side by side.
 
 Works on any net with one DGFE layer whose difference map comes from a DifferenceMap layer fed
-by a reconstruction and a DenormalizeImage image (what :mod:`deeper_ssd.spec.heads` builds). The
+by a reconstruction and a DenormalizeImage image (what :mod:`deeper_ssd.builder.heads` builds). The
 image is preprocessed as :mod:`deeper_ssd.detect` does, with the mean and scale the net's own
 DenormalizeImage layer states.
 """

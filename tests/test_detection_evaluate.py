@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from deeper_ssd.layers import LayerError
-from deeper_ssd.layers.ssd import DetectionEvaluate
+from deeper_ssd.layers.detection_evaluate import DetectionEvaluate
 from layer_harness import layer_param
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from deeper_ssd.layers import LayerError
-from deeper_ssd.layers.ssd import DetectionOutput
+from deeper_ssd.layers.detection_output import DetectionOutput
 from layer_harness import layer_param, run_caffe_cases
 from test_multibox_loss import prior_blob
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from deeper_ssd.layers import LayerError
-from deeper_ssd.layers.ssd import MultiBoxLoss
+from deeper_ssd.layers.multibox_loss import MultiBoxLoss
 from deeper_ssd.proto import caffe_pb2
 from layer_harness import layer_param
 from multibox_reference import multibox_loss as reference_loss

@@ -7,7 +7,7 @@ from deeper_ssd import io
 from deeper_ssd.layers import LayerError
 from deeper_ssd.net import Net, WeightsError
 from deeper_ssd.proto import caffe_pb2
-from deeper_ssd.spec.netspec import L, NetSpec, P, TRAIN
+from deeper_ssd.builder.netspec import L, NetSpec, P, TRAIN
 
 
 def _tiny(bn=False):

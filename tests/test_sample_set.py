@@ -9,7 +9,8 @@ import pytest
 
 from deeper_ssd import cli
 from deeper_ssd.data.annoset import AnnotatedDB
-from deeper_ssd.data.sample import SIZE_BUCKETS, AIRFRAMES, make_sample_set, render_airframe, size_bucket
+from deeper_ssd.data.sample import AIRFRAMES, make_sample_set, render_airframe
+from deeper_ssd.eval.sizes import SIZE_BUCKETS, bucket_of
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +47,7 @@ def test_size_distribution_follows_table_2(sample):
             x0, y0, x1, y1 = (int(obj.findtext(f"bndbox/{t}")) for t in ("xmin", "ymin", "xmax", "ymax"))
             assert 1 <= x0 < x1 <= 480 and 1 <= y0 < y1 <= 360
             assert obj.findtext("name") == "drone" and obj.findtext("pose") in AIRFRAMES
-            counts[size_bucket((x1 - x0) * (y1 - y0) / (480 * 360))] += 1
+            counts[bucket_of((x1 - x0) * (y1 - y0) / (480 * 360))] += 1
     assert counts == report.objects
     total = sum(counts.values())
     assert total > 500

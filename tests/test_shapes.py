@@ -8,7 +8,7 @@ import pytest
 from deeper_ssd import io, shapes
 from deeper_ssd.layers import LayerError, UnknownLayerType
 from deeper_ssd.proto import caffe_pb2
-from deeper_ssd.spec.netspec import L, NetSpec, P, TEST, TRAIN
+from deeper_ssd.builder.netspec import L, NetSpec, P, TEST, TRAIN
 
 
 def _sizes(*args):

@@ -14,7 +14,7 @@ from deeper_ssd.layers import LayerError
 from deeper_ssd.net import Net
 from deeper_ssd.opencv_check import OpenCVUnsupported, unsupported_layers
 from deeper_ssd.proto import caffe_pb2
-from deeper_ssd.spec import heads, zoo
+from deeper_ssd.builder import heads, zoo
 from conftest import REPO
 from layer_harness import build, run_ours
 from opencv_parity import compare_with_opencv

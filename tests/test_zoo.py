@@ -10,7 +10,7 @@ import pytest
 from deeper_ssd import cli, io, shapes
 from deeper_ssd.layers import LayerError
 from deeper_ssd.proto import caffe_pb2
-from deeper_ssd.spec import deeper, heads, ssd, zoo
+from deeper_ssd.builder import deeper, heads, ssd, zoo
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -12,8 +12,8 @@ from deeper_ssd import io, shapes
 from deeper_ssd.layers import LayerError
 from deeper_ssd.net import Net
 from deeper_ssd.proto import caffe_pb2
-from deeper_ssd.spec import heads, ssd, zoo
-from deeper_ssd.spec.solver import SolverSettings
+from deeper_ssd.builder import heads, ssd, zoo
+from deeper_ssd.builder.solver import SolverSettings
 from layer_harness import build, run_ours
 
 REPO = Path(__file__).resolve().parent.parent
@@ -257,7 +257,7 @@ def test_load_caffemodel_with_prefix_fills_only_the_prefixed_copy(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# the distillation net (deeper_ssd.spec.heads, ZoomInNet section)
+# the distillation net (deeper_ssd.builder.heads, ZoomInNet section)
 
 def _small_model(**changes):
     """A 1/16-width SSD with four levels at 64x64: conv4_3 8, fc7 4, conv6_2 2, conv7_2 2 (pad 1,

@@ -30,23 +30,14 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import cv2
 import numpy as np
 
+from ..eval.sizes import SIZE_BUCKETS, bucket_of
 from .annoset import ConvertOptions, build_annoset, write_name_size_file
 
-__all__ = ["SIZE_BUCKETS", "size_bucket", "make_sample_set", "SampleReport",
+__all__ = ["make_sample_set", "SampleReport",
            "default_backgrounds_dir", "render_airframe"]
 
-#: (name, upper bound of box area / image area, share of objects): the paper's Table 2
-SIZE_BUCKETS = (("S", 0.0012, 0.6362), ("M", 0.01, 0.3641), ("L", 0.10, 0.0728), ("XL", 0.25, 0.0026))
 _LOWEST_RATIO = 0.0003          # smallest S box: ~9x9 px on a 480x360 image
 AIRFRAMES = ("quadcopter", "hexacopter", "fixed-wing")
-
-
-def size_bucket(ratio: float) -> str:
-    """Table 2 bucket of a ``box area / image area`` ratio: S, M, L or XL."""
-    for name, upper, _ in SIZE_BUCKETS[:-1]:
-        if ratio <= upper:
-            return name
-    return "XL"
 
 
 def _bucket_probabilities() -> np.ndarray:
@@ -194,7 +185,7 @@ def _draw_image(photos: Sequence[np.ndarray], width: int, height: int,
         box = _draw_drone(img, scaled, x, y, rng)
         # the size the LMDB stores: normalised (xmax - xmin) * (ymax - ymin), VOC coordinates
         area = (box[2] - box[0]) * (box[3] - box[1]) / image_area
-        objects.append(_Object(box, size_bucket(area), kind))
+        objects.append(_Object(box, bucket_of(area), kind))
     return img, objects
 
 

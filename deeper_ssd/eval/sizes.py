@@ -2,7 +2,7 @@
 
 A bucket holds the objects whose ``box area / image area`` (normalised box area, so the ratio
 of the original image) is: S ``<= 0.12 %``, M ``(0.12 %, 1 %]``, L ``(1 %, 10 %]``,
-XL ``> 10 %`` (bounds: :data:`deeper_ssd.data.sample.SIZE_BUCKETS`).
+XL ``> 10 %`` (:data:`SIZE_BUCKETS`).
 
 AP of a bucket is Caffe's evaluation with the objects outside the bucket treated like
 *difficult* objects: they are not counted as positives, and a detection whose best match
@@ -21,11 +21,14 @@ from typing import Dict, List, Optional
 import torch
 
 from .. import box
-from ..data.sample import SIZE_BUCKETS, size_bucket
 from ..proto import caffe_pb2
 from .ap import DetectionAccumulator
 
-__all__ = ["BUCKETS", "bucket_of", "bucket_label_blob", "BucketResult", "SizeBuckets"]
+__all__ = ["SIZE_BUCKETS", "BUCKETS", "bucket_of", "bucket_label_blob", "BucketResult", "SizeBuckets"]
+
+#: (name, upper bound of box area / image area, share of the paper's objects): Table 2 of the
+#: paper; the sample generator draws sizes with these shares, the last bound is only a drawing cap
+SIZE_BUCKETS = (("S", 0.0012, 0.6362), ("M", 0.01, 0.3641), ("L", 0.10, 0.0728), ("XL", 0.25, 0.0026))
 
 #: bucket names in Table 2's order
 BUCKETS = tuple(name for name, _, _ in SIZE_BUCKETS)
@@ -43,8 +46,11 @@ _BOUNDS = _bounds_text()
 
 
 def bucket_of(ratio: float) -> str:
-    """Table 2 bucket of a ``box area / image area`` ratio."""
-    return size_bucket(ratio)
+    """Table 2 bucket of a ``box area / image area`` ratio: S, M, L or XL."""
+    for name, upper, _ in SIZE_BUCKETS[:-1]:
+        if ratio <= upper:
+            return name
+    return SIZE_BUCKETS[-1][0]
 
 
 def _bucket_index(label_rows: torch.Tensor) -> torch.Tensor:

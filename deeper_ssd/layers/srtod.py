@@ -7,7 +7,7 @@ ECCV 2024; shared/reference/heads-srtod-zoominnet.md part A).
 * :class:`MSELoss` — the reconstruction loss (mean over all elements, as the official code).
 
 The reconstruction head itself is stock layers (Deconvolution, Convolution, ReLU, Sigmoid,
-Crop); :mod:`deeper_ssd.spec.heads` wires the whole head onto a zoo model.
+Crop); :mod:`deeper_ssd.builder.heads` wires the whole head onto a zoo model.
 
 Gradients follow the official code (github Hiyuur/SR-TOD): the reconstruction is trained by the
 reconstruction loss alone — DGFE passes no gradient to its difference-map bottom — and the

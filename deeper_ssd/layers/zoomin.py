@@ -1,7 +1,7 @@
 """ZoomInNet cross-scale distillation (Liu et al., Remote Sens. 2021, shared/papers) as Caffe
 layer types: Upsample (layer adaption, LA), AKDPMask (adaptive key distillation positions,
 Eq. 11-18) and PositionAwareL2Loss (Eq. 19-21). The 1x1 adapter convolutions of feature
-alignment are stock Convolution layers; the builder is :mod:`deeper_ssd.spec.heads`.
+alignment are stock Convolution layers; the builder is :mod:`deeper_ssd.builder.heads`.
 
 Blob layouts (N images, C channels, an h x w feature map with P priors per cell):
 
@@ -24,7 +24,7 @@ from .. import box
 from ..proto import caffe_pb2
 from .base import Layer, format_shape
 from .registry import register
-from .ssd import _check_label_blob, read_ground_truth
+from .detection_blobs import check_label_blob, read_ground_truth
 
 _AKDP = caffe_pb2.AKDPMaskParameter
 _PAL2 = caffe_pb2.PositionAwareL2LossParameter
@@ -114,7 +114,7 @@ class AKDPMask(Layer):
             raise ValueError(f"needs one top per level: {levels} level(s), {len(self.lp.top)} top(s)")
         if p.threshold_mode == _AKDP.FIXED and not p.fixed_factor >= 0:
             raise ValueError(f"fixed_factor must be >= 0, got {p.fixed_factor}")
-        _check_label_blob(self, bottoms[-1], len(bottoms) - 1)
+        check_label_blob(self, bottoms[-1], len(bottoms) - 1)
         tops, self.cell_priors = [], []
         for level in range(levels):
             feat, prior = bottoms[2 * level], bottoms[2 * level + 1]

@@ -6,7 +6,7 @@ weiliu89/caffe (see shared/reference/caffe-ssd-semantics.md §5): ``ConvBNLayer`
 (:func:`vgg16_reduced`), ``AddExtraLayers`` (:func:`add_extra_layers`), ``CreateMultiBoxHead``
 (:func:`multibox_head`) and the script's data/loss/test/deploy assembly (:class:`SSDModel`).
 With the SSD300/SSD512 VOC0712 settings the result equals the fork's prototxt message for
-message; :mod:`deeper_ssd.spec.deeper` adds the Deeper SSD layers and modules on top.
+message; :mod:`deeper_ssd.builder.deeper` adds the Deeper SSD layers and modules on top.
 
 Knobs beyond the fork: a width multiplier for every feature convolution, BatchNorm + Scale after
 each feature convolution (the fork's ``use_batchnorm`` form of ConvBNLayer; the prediction
@@ -434,7 +434,7 @@ class SSDModel:
 
     ``sources`` are the base prediction blobs (before module outputs); ``modules`` are objects
     with ``name``, ``normalization`` and ``build(fn) -> output blob`` (see
-    :mod:`deeper_ssd.spec.deeper`); each module output becomes one more prediction layer.
+    :mod:`deeper_ssd.builder.deeper`); each module output becomes one more prediction layer.
     ``prior_sizes``, ``aspect_ratios`` and ``steps`` override the rules above (in head order).
     """
     name: str

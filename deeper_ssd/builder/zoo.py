@@ -1,4 +1,4 @@
-"""The model zoo: stable model names → :class:`~deeper_ssd.spec.ssd.SSDModel` builders.
+"""The model zoo: stable model names → :class:`~deeper_ssd.builder.ssd.SSDModel` builders.
 
 * ``ssd300_voc0712``, ``ssd512_voc0712`` — the SSD fork's PASCAL VOC0712 nets (21 classes),
   equal to shared/reference/ssd300_official and ssd512_reconstructed (dataset paths aside);

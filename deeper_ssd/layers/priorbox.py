@@ -1,0 +1,149 @@
+"""PriorBox: the default boxes of one feature map, with the SSD fork's semantics."""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from .base import Layer, format_shape
+from .registry import register
+
+
+@register
+class PriorBox(Layer):
+    """Default boxes of one feature map (caffe-ssd-semantics.md §3.1).
+
+    Bottoms: the feature map ``N x C x H x W`` and the input image ``N x 3 x img_h x img_w``
+    (its size is used unless ``img_size``/``img_h``/``img_w`` are given). Top ``1 x 2 x HWP4``.
+
+    Caffe's quirks kept here: ``min_size``/``max_size`` are truncated to integers before use; the
+    per-cell order is ``min``, ``sqrt(min*max)``, then one box per non-unit ratio of the internal
+    list ``[1, a1, 1/a1, a2, 1/a2, ...]`` (a ratio within 1e-6 of a listed one is skipped);
+    cell centres and box sides are float32, the corner arithmetic is double, rounded to the
+    output dtype at the end; ``clip`` clamps to [0, 1] after generation.
+    """
+
+    caffe_type = "PriorBox"
+    num_bottoms = (2, 2)
+
+    def setup(self, bottoms):
+        p = self.lp.prior_box_param
+        feature, image = bottoms
+        if len(feature) != 4 or len(image) != 4:
+            raise ValueError(f"bottoms must be 4-D (feature map, image); got "
+                             f"{format_shape(feature)} and {format_shape(image)}")
+        if not len(p.min_size):
+            raise ValueError("must provide min_size")
+        if any(not s > 0 for s in p.min_size):
+            raise ValueError(f"min_size must be positive, got {list(p.min_size)}")
+        self.min_sizes = [float(s) for s in p.min_size]
+        ratios = [1.0]
+        for ar in p.aspect_ratio:
+            ar = float(np.float32(ar))
+            if any(abs(ar - r) < 1e-6 for r in ratios):
+                continue
+            ratios.append(ar)
+            if p.flip:
+                ratios.append(float(np.float32(1.0 / ar)))
+        self.aspect_ratios = ratios
+        self.max_sizes: List[float] = []
+        if len(p.max_size):
+            if len(p.max_size) != len(p.min_size):
+                raise ValueError(f"{len(p.max_size)} max_size for {len(p.min_size)} min_size; "
+                                 f"give one per min_size")
+            for mn, mx in zip(p.min_size, p.max_size):
+                if not mx > mn:
+                    raise ValueError(f"max_size {mx} must be greater than min_size {mn}")
+            self.max_sizes = [float(s) for s in p.max_size]
+        self.num_priors = len(ratios) * len(self.min_sizes) + len(self.max_sizes)
+        if len(p.variance) > 1:
+            if len(p.variance) != 4:
+                raise ValueError(f"variance needs 1 or 4 values, got {len(p.variance)}")
+        if any(not v > 0 for v in p.variance):
+            raise ValueError(f"variance must be positive, got {list(p.variance)}")
+        self.variance = [float(v) for v in p.variance] if len(p.variance) else [0.1]
+        if p.HasField("img_h") or p.HasField("img_w"):
+            if p.HasField("img_size"):
+                raise ValueError("either img_size or img_h/img_w should be specified; not both")
+            if not (p.img_h > 0 and p.img_w > 0):
+                raise ValueError(f"img_h ({p.img_h}) and img_w ({p.img_w}) must both be > 0")
+            self.img_hw: Optional[Tuple[int, int]] = (p.img_h, p.img_w)
+        elif p.HasField("img_size"):
+            if not p.img_size > 0:
+                raise ValueError("img_size should be larger than 0")
+            self.img_hw = (p.img_size, p.img_size)
+        else:
+            self.img_hw = None
+        if p.HasField("step_h") or p.HasField("step_w"):
+            if p.HasField("step"):
+                raise ValueError("either step or step_h/step_w should be specified; not both")
+            if not (p.step_h > 0 and p.step_w > 0):
+                raise ValueError(f"step_h ({p.step_h}) and step_w ({p.step_w}) must both be > 0")
+            self.step_hw: Optional[Tuple[float, float]] = (p.step_h, p.step_w)
+        elif p.HasField("step"):
+            if not p.step > 0:
+                raise ValueError("step should be larger than 0")
+            self.step_hw = (p.step, p.step)
+        else:
+            self.step_hw = None
+        self.offset = p.offset
+        self.clip = p.clip
+        self._box_sides = self._cell_box_sides()
+        dim = feature[2] * feature[3] * self.num_priors * 4
+        if dim <= 0:
+            raise ValueError(f"feature map {format_shape(feature)} gives no prior")
+        return [(1, 2, dim)]
+
+    def _cell_box_sides(self) -> np.ndarray:
+        """``P x 2`` float32 (width, height) of the boxes of one cell, in input pixels, in
+        emission order; sizes truncated to int as Caffe does."""
+        sides = []
+        for s, raw_min in enumerate(self.min_sizes):
+            mn = int(raw_min)
+            sides.append((mn, mn))
+            if self.max_sizes:
+                mx = int(self.max_sizes[s])
+                side = math.sqrt(mn * mx)                   # integer product, double sqrt
+                sides.append((side, side))
+            for ar in self.aspect_ratios:
+                if abs(ar - 1.0) < 1e-6:
+                    continue
+                root = np.sqrt(np.float32(ar))             # float sqrt
+                sides.append((np.float32(mn) * root, np.float32(mn) / root))
+        return np.asarray(sides, dtype=np.float32)
+
+    def priors(self, layer_hw: Tuple[int, int], img_hw: Tuple[int, int],
+               dtype=torch.float32, device=None) -> torch.Tensor:
+        """The top blob ``1 x 2 x (H W P 4)`` for a ``layer_hw`` feature map and ``img_hw`` input."""
+        layer_h, layer_w = layer_hw
+        img_h, img_w = self.img_hw or img_hw
+        if self.step_hw is not None:
+            step_h, step_w = (np.float32(s) for s in self.step_hw)
+        else:
+            step_h = np.float32(np.float32(img_h) / np.float32(layer_h))
+            step_w = np.float32(np.float32(img_w) / np.float32(layer_w))
+        offset = np.float32(self.offset)
+        f32 = dict(dtype=torch.float32, device=device)
+        cx = (torch.arange(layer_w, **f32) + float(offset)) * float(step_w)      # float32
+        cy = (torch.arange(layer_h, **f32) + float(offset)) * float(step_h)
+        sides = torch.as_tensor(self._box_sides, device=device).double()        # P x 2
+        half_w, half_h = sides[:, 0] / 2.0, sides[:, 1] / 2.0
+        cxd = cx.double().view(1, layer_w, 1)
+        cyd = cy.double().view(layer_h, 1, 1)
+        shape = (layer_h, layer_w, len(self._box_sides))
+        boxes = torch.stack([((cxd - half_w) / img_w).expand(shape),
+                             ((cyd - half_h) / img_h).expand(shape),
+                             ((cxd + half_w) / img_w).expand(shape),
+                             ((cyd + half_h) / img_h).expand(shape)], dim=-1).reshape(-1)
+        boxes = boxes.to(dtype)
+        if self.clip:
+            boxes = boxes.clamp(0.0, 1.0)
+        variances = torch.tensor((self.variance * 4)[:4], dtype=dtype, device=device)
+        variances = variances.repeat(boxes.numel() // 4)
+        return torch.stack([boxes, variances]).unsqueeze(0)
+
+    def forward(self, feature, image):
+        return self.priors(tuple(feature.shape[2:]), tuple(image.shape[2:]), feature.dtype,
+                           feature.device)
