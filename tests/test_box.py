@@ -1,5 +1,5 @@
 """deeper_ssd.box: IoU, coding, matching, ranking, NMS and the original-image mapping, against
-hand-computed values and against the literal per-image rules of tests/multibox_reference.py."""
+hand-computed values and against the literal per-image rules of tests/support/multibox.py."""
 import math
 
 import numpy as np
@@ -8,15 +8,9 @@ import torch
 
 from deeper_ssd import box
 from deeper_ssd.proto import caffe_pb2
-from multibox_reference import decode_box, encode_box, iou_matrix, match_image
+from support.multibox import HAND_IOU, OBJECT, PRIORS, decode_box, encode_box, iou_matrix, match_image
 
 T = lambda *rows: torch.tensor(rows, dtype=torch.float32)  # noqa: E731
-
-# three priors and one object, worked by hand (also used in test_multibox_loss.py)
-PRIORS = T([0, 0, 0.5, 0.5], [0.25, 0.25, 0.75, 0.75], [0.5, 0.5, 1, 1])
-OBJECT = T([0.2, 0.2, 0.6, 0.6])
-# A: inter 0.3^2 = 0.09, union 0.25 + 0.16 - 0.09; B: 0.35^2 / (0.41 - 0.1225); C: 0.01 / 0.40
-HAND_IOU = [0.09 / 0.32, 0.1225 / 0.2875, 0.01 / 0.40]
 
 
 def test_iou_hand_values():
@@ -193,7 +187,7 @@ def test_top_candidates_and_select_top_ties():
 
 
 def _literal_nms(boxes, valid, thr, eta):
-    """ApplyNMSFast's loop (§3.7) on candidates already sorted by score."""
+    """ApplyNMSFast's loop (docs/semantics.md, "DetectionOutput and NMS") on candidates already sorted by score."""
     keep, adaptive = [], thr
     for i in range(len(boxes)):
         if not valid[i]:

@@ -7,7 +7,7 @@ import torch
 
 from deeper_ssd.layers import LayerError
 from deeper_ssd.layers.detection_evaluate import DetectionEvaluate
-from layer_harness import layer_param
+from support.layers import layer_param
 
 
 def assert_rows(rows, expected):

@@ -9,8 +9,8 @@ import torch
 
 from deeper_ssd.layers import LayerError
 from deeper_ssd.layers.detection_output import DetectionOutput
-from layer_harness import layer_param, run_caffe_cases
-from test_multibox_loss import prior_blob
+from support.layers import layer_param, run_caffe_cases
+from support.multibox import prior_blob
 
 
 def layer_text(fields):

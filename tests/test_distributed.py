@@ -11,7 +11,7 @@ import torch
 from deeper_ssd import io
 from deeper_ssd.net import Net
 from deeper_ssd.solver import LearningRate, Solver, distributed, make_rule
-from tiny_ssd import make_tiny, solver_param
+from support.tiny_ssd import make_tiny
 
 ITERATIONS = 3
 

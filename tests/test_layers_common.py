@@ -5,7 +5,8 @@ import pytest
 
 from deeper_ssd.layers import LayerError
 from deeper_ssd.proto import caffe_pb2
-from layer_harness import build, run_caffe_cases, run_ours
+from support import zip_same
+from support.layers import build, run_caffe_cases, run_ours
 
 
 def test_normalize_puts_eps_inside_the_sqrt():
@@ -136,8 +137,7 @@ def test_common_layers_match_caffe(oracle):
     for case, theirs in zip(cases, run_caffe_cases(oracle, cases)):
         ours = run_ours(case["text"], case["bottoms"], case["blobs"], case["top_grads"])
         for key in ("tops", "bottom_grads", "blob_grads"):
-            assert len(ours[key]) == len(theirs[key]), (case["text"], key)
-            for a, b in zip(ours[key], theirs[key]):
+            for a, b in zip_same(ours[key], theirs[key], f"{key}: {case['text']}"):
                 np.testing.assert_allclose(a, b.reshape(a.shape), rtol=2e-4, atol=2e-5, err_msg=f"{key}: {case['text']}")
 
 
@@ -151,5 +151,5 @@ def test_batchnorm_matches_caffe_in_both_phases(oracle):
     for case, theirs, phase in zip(cases, run_caffe_cases(oracle, cases), (caffe_pb2.TRAIN, caffe_pb2.TEST)):
         ours = run_ours(text, [x], stats, grads, phase=phase)
         for key in ("tops", "blobs_after", "bottom_grads"):
-            for a, b in zip(ours[key], theirs[key]):
+            for a, b in zip_same(ours[key], theirs[key], f"{key} {phase}"):
                 np.testing.assert_allclose(a, b.reshape(a.shape), rtol=1e-4, atol=1e-4, err_msg=f"{key} {phase}")

@@ -2,11 +2,11 @@
 quirks everywhere; real Caffe parity when the oracle is present)."""
 import numpy as np
 import pytest
-import torch
 
 from deeper_ssd.layers import LayerError
 from deeper_ssd.layers.vision import pool_output_size
-from layer_harness import build, run_caffe, run_caffe_cases, run_ours
+from support import zip_same
+from support.layers import build, run_caffe, run_caffe_cases, run_ours
 
 
 def pool(kernel, stride, pad=0, method="MAX"):
@@ -151,7 +151,7 @@ def test_convolutions_match_caffe(oracle, kind, extra, bottom):
     ours = run_ours(text, [x], blobs, g)
     theirs = run_caffe(oracle, text, [x], blobs, g)
     for key in ("tops", "bottom_grads", "blob_grads"):
-        for a, b in zip(ours[key], theirs[key]):
+        for a, b in zip_same(ours[key], theirs[key], key):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4, err_msg=key)
 
 

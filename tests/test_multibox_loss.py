@@ -11,11 +11,11 @@ import torch
 from deeper_ssd.layers import LayerError
 from deeper_ssd.layers.multibox_loss import MultiBoxLoss
 from deeper_ssd.proto import caffe_pb2
-from layer_harness import layer_param
-from multibox_reference import multibox_loss as reference_loss
-from test_box import HAND_IOU, OBJECT, PRIORS
+from support import zip_same
+from support.layers import layer_param
+from support.multibox import HAND_IOU, OBJECT, PRIORS, VAR, prior_blob
+from support.multibox import multibox_loss as reference_loss
 
-VAR = [0.1, 0.1, 0.2, 0.2]
 LN3 = math.log(3)
 
 
@@ -26,12 +26,6 @@ def layer_text(fields="", loss_param="", extra=""):
 
 def make(fields, shapes, loss_param="", extra="", device=None):
     return MultiBoxLoss(layer_param(layer_text(fields, loss_param, extra)), shapes, caffe_pb2.TRAIN, device=device)
-
-
-def prior_blob(boxes, variances=VAR):
-    boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
-    var = torch.tensor(variances, dtype=torch.float32).repeat(len(boxes))
-    return torch.stack([boxes.reshape(-1), var]).unsqueeze(0)
 
 
 def label_blob(rows):
@@ -204,7 +198,6 @@ def test_logistic_with_mining_uses_one_hot_rows():
 
 
 def test_hard_example_mining_demotes_unselected_positives():
-    loc = torch.zeros(1, 12)
     conf = torch.zeros(1, 9)
     conf[0, 0] = -3.0                 # prior A: background loss 3.72, class-1 loss 0.72
     conf[0, 6] = -2.0                 # prior C: background loss 2.76; B: ln 3 = 1.10
@@ -428,7 +421,8 @@ def test_matches_caffe(oracle):
                              loc_classes=5 if "share_location: false" in fields else 1)
         cases.append((layer_text(f"num_classes: 5 {fields}", extra=extra), batch))
         ours.append(run(f"num_classes: 5 {fields}", *batch, extra=extra))
-    for spec, (terms, dloc, dconf), (loss, cdloc, cdconf) in zip(ORACLE_CASES, ours, caffe_multibox(oracle, cases)):
+    theirs = caffe_multibox(oracle, cases)
+    for (spec, (terms, dloc, dconf)), (loss, cdloc, cdconf) in zip_same(zip(ORACLE_CASES, ours), theirs, "cases"):
         assert terms.loss.item() == pytest.approx(float(loss), rel=2e-6), spec
         np.testing.assert_allclose(dloc.numpy(), cdloc, atol=2e-7, err_msg=spec)
         np.testing.assert_allclose(dconf.numpy(), cdconf, atol=2e-7, err_msg=spec)

@@ -3,7 +3,7 @@ import pytest
 
 from deeper_ssd import io
 from deeper_ssd.proto import caffe_pb2
-from deeper_ssd.builder.netspec import L, NetSpec, P, TEST, TRAIN
+from deeper_ssd.builder.netspec import L, NetSpec, P, TRAIN
 
 
 def _small_net():

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from opencv_parity import compare_with_opencv
+from support.opencv import compare_with_opencv
 
 
 def test_ssd300_reference_deploy_matches_opencv(reference_dir):

@@ -8,7 +8,7 @@ import torch
 from deeper_ssd import io, shapes
 from deeper_ssd.layers import LayerError
 from deeper_ssd.proto import caffe_pb2
-from layer_harness import build
+from support.layers import build
 
 
 def prior_layer(params: str) -> str:

@@ -15,9 +15,9 @@ from deeper_ssd.net import Net
 from deeper_ssd.opencv_check import OpenCVUnsupported, unsupported_layers
 from deeper_ssd.proto import caffe_pb2
 from deeper_ssd.builder import heads, zoo
-from conftest import REPO
-from layer_harness import build, run_ours
-from opencv_parity import compare_with_opencv
+from support import REPO
+from support.layers import build, run_ours
+from support.opencv import compare_with_opencv
 
 sigmoid = lambda v: 1 / (1 + math.exp(-v))
 

@@ -1,18 +1,16 @@
 """deeper-ssd test (tools/test.py), the size buckets, the figures and plot-training-log."""
 import json
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from deeper_ssd import cli, io
+from deeper_ssd import cli
 from deeper_ssd.eval import sizes
 from deeper_ssd.eval.plots import parse_training_log
 from deeper_ssd.layers import registry
 from deeper_ssd.proto import caffe_pb2
 from deeper_ssd.solver import Solver
-from tiny_ssd import make_tiny, solver_param
+from support.tiny_ssd import make_tiny, solver_param
 
 
 @pytest.fixture(scope="module")

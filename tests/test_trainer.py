@@ -1,6 +1,6 @@
 """The training loop: Caffe's log, exact resume, atomic snapshots, signals, the NaN guard.
 
-Every run trains tests/tiny_ssd.py's 64x64 SSD for a few iterations on CPU.
+Every run trains tests/support/tiny_ssd.py's 64x64 SSD for a few iterations on CPU.
 """
 import os
 import re
@@ -17,7 +17,7 @@ import torch
 from deeper_ssd import io
 from deeper_ssd.net import Net
 from deeper_ssd.solver import NonFiniteError, SignalActions, Solver, TrainState
-from tiny_ssd import make_tiny, solver_param
+from support.tiny_ssd import make_tiny, solver_param
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -171,7 +171,7 @@ import os, sys, time
 sys.path.insert(0, {tests!r})
 from deeper_ssd import io
 from deeper_ssd.solver import Solver
-from tiny_ssd import solver_param, make_tiny
+from support.tiny_ssd import solver_param, make_tiny
 paths = make_tiny({folder!r})
 real_replace = os.replace
 def slow_replace(src, dst):

@@ -14,7 +14,7 @@ from deeper_ssd.net import Net
 from deeper_ssd.proto import caffe_pb2
 from deeper_ssd.builder import heads, ssd, zoo
 from deeper_ssd.builder.solver import SolverSettings
-from layer_harness import build, run_ours
+from support.layers import build, run_ours
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -88,6 +88,7 @@ for c, (name, bottoms, tops, nblobs, backward, phase) in enumerate({specs!r}):
                           key=lambda k: int(k[len(f"c{c}_{prefix}"):]))
             return [out[k] for k in keys]
         result = {"tops": pick("top"), "blobs_after": pick("after")}
+        assert len(result["tops"]) == len(tops), f"case {c}: Caffe returned {len(result['tops'])} of {len(tops)} tops"
         if backward:
             result["bottom_grads"] = pick("bgrad")
             result["blob_grads"] = pick("pgrad")

@@ -1,5 +1,5 @@
-"""A deliberately simple, per-image MultiBoxLoss written from caffe-ssd-semantics.md §3.4-3.6
-(not from deeper_ssd.box), to check the batched implementation on random batches and as the
+"""A deliberately simple, per-image MultiBoxLoss written from docs/semantics.md ("Box coding",
+"Matching", "Hard-negative mining", "MultiBoxLoss normalisation"; not from deeper_ssd.box), to check the batched implementation on random batches and as the
 baseline of bench/loss.py.
 
 One image at a time: read its objects, match them to the priors with the document's greedy
@@ -23,6 +23,20 @@ DEFAULTS = dict(num_classes=21, background_label_id=0, overlap_threshold=0.5, ma
                 map_object_to_agnostic=False)
 LOG_FLT_MIN = math.log(1.1754943508222875e-38)
 
+# three priors and one object, worked by hand (tests of box.py and MultiBoxLoss)
+PRIORS = torch.tensor([[0, 0, 0.5, 0.5], [0.25, 0.25, 0.75, 0.75], [0.5, 0.5, 1, 1]])
+OBJECT = torch.tensor([[0.2, 0.2, 0.6, 0.6]])
+# A: inter 0.3^2 = 0.09, union 0.25 + 0.16 - 0.09; B: 0.35^2 / (0.41 - 0.1225); C: 0.01 / 0.40
+HAND_IOU = [0.09 / 0.32, 0.1225 / 0.2875, 0.01 / 0.40]
+VAR = [0.1, 0.1, 0.2, 0.2]   # SSD's prior variances
+
+
+def prior_blob(boxes, variances=VAR):
+    """A PriorBox top ``[1, 2, 4K]`` (boxes, then their variances) for ``boxes [K, 4]``."""
+    boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+    var = torch.tensor(variances, dtype=torch.float32).repeat(len(boxes))
+    return torch.stack([boxes.reshape(-1), var]).unsqueeze(0)
+
 
 def iou_matrix(a, b):
     """JaccardOverlap of every box of a [A, 4] with every box of b [B, 4] (float32)."""
@@ -35,7 +49,7 @@ def iou_matrix(a, b):
 
 
 def encode_box(p, v, g, code, variance_in_target):
-    """The document's §3.4 table, one formula per code."""
+    """The "Box coding" table of docs/semantics.md, one formula per code."""
     pw, ph = p[:, 2] - p[:, 0], p[:, 3] - p[:, 1]
     if code == "CENTER_SIZE":
         gw, gh = g[:, 2] - g[:, 0], g[:, 3] - g[:, 1]
@@ -63,7 +77,7 @@ def decode_box(p, v, t, code, variance_in_target):
 
 
 def match_image(iou, threshold, per_prediction, ignored):
-    """§3.5 for one image: iou [K, G]; returns (index [K], best IoU [K])."""
+    """"Matching" (docs/semantics.md) for one image: iou [K, G]; returns (index [K], best IoU [K])."""
     k, g = iou.shape
     present = (iou > 1e-6) & ~ignored[:, None]
     iou = torch.where(present, iou, torch.zeros_like(iou))

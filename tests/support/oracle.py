@@ -1,5 +1,6 @@
 """Run code inside the Caffe oracle: a real SSD-Caffe with pycaffe in a Debian chroot, built by
-``../shared/tools/caffe-oracle-setup`` (see ../shared/reference/caffe-oracle.md).
+``../shared/tools/caffe-oracle-setup``, a script in the project's shared folder beside the
+checkout (it is not part of a user's clone; without the oracle its tests skip).
 
     outputs = oracle.run('''
         net = caffe.Net("deploy.prototxt", "w.caffemodel", caffe.TEST)
