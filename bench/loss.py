@@ -6,7 +6,7 @@ For each configuration (SSD300's 8732 priors with 21 classes; Deeper SSD500's 28
 from prototxt/deeper_ssd500/deploy.prototxt, with its 2 classes and with 21) it draws one batch
 with 1-20 objects per image and random loc/conf values, then times, alternating, the batched
 layer (``deeper_ssd.layers.multibox_loss.MultiBoxLoss``) and the deliberately simple per-image reference
-(``tests/multibox_reference.py``), both forward + backward with SSD's loss settings. It prints
+(``tests/support/multibox.py``), both forward + backward with SSD's loss settings. It prints
 the median times, their ratio and the peak memory of each (each variant measured once in a fresh
 subprocess: peak resident-set growth over the inputs, sampled every 0.5 ms, on CPU;
 ``max_memory_allocated`` growth on CUDA).
@@ -82,7 +82,7 @@ def make_batch(layout, classes, batch, seed, device):
 
 
 def variants(classes, shapes):
-    from multibox_reference import multibox_loss
+    from support.multibox import multibox_loss
     lp = layer_param(f'name: "mbox_loss" type: "MultiBoxLoss" bottom: "mbox_loc" bottom: "mbox_conf" '
                      f'bottom: "mbox_priorbox" bottom: "label" top: "mbox_loss" '
                      f'multibox_loss_param {{ num_classes: {classes} {SSD_LOSS} }}')

@@ -211,6 +211,8 @@ def compare(deploy: Union[str, Path, caffe_pb2.NetParameter], weights: Optional[
         cv_net = cv2.dnn.readNetFromCaffe(str(prototxt), str(model))
         cv_net.setInput(x, data)
         theirs = cv_net.forward([layer.name for layer in compared])
+    if len(theirs) != len(compared):
+        raise RuntimeError(f"OpenCV returned {len(theirs)} outputs for {len(compared)} requested layers")
     rows = [_difference(layer.name, layer.caffe_type, outputs[layer.name], other)
             for layer, other in zip(compared, theirs)]
     return Comparison(rows, skipped)

@@ -3,7 +3,7 @@
     python -m deeper_ssd.proto.regenerate           # rewrite caffe_pb2.py
     python -m deeper_ssd.proto.regenerate --check   # exit 1 if the committed module is stale
 
-grpcio-tools is a development dependency (``pip install -e .[dev]``); the installed package
+grpcio-tools is a test dependency (``pip install -e .[test]``); the installed package
 only needs the protobuf runtime.
 """
 import argparse
