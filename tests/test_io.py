@@ -56,7 +56,7 @@ def test_v1_layers_are_refused_in_text_and_binary(tmp_path):
     with pytest.raises(io.CaffeFormatError, match="legacy V1"):
         io.parse_text('name: "old"\nlayers { name: "conv1" type: CONVOLUTION }\n', caffe_pb2.NetParameter())
     # a binary V1 caffemodel: NetParameter field 2 (layers) with some content
-    raw = caffe_pb2.NetParameter(name="old").SerializeToString() + b"\x12\x04\x0a\x02c1"
+    raw = caffe_pb2.NetParameter(name="old", layers=[caffe_pb2.V1LayerParameter(name="c1")]).SerializeToString()
     path = tmp_path / "old.caffemodel"
     path.write_bytes(raw)
     with pytest.raises(io.CaffeFormatError, match="legacy V1"):

@@ -1,8 +1,11 @@
 """The schema: generated module in sync, Caffe-SSD field numbers/defaults, our reserved range."""
+import os
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
+from google.protobuf import descriptor_pb2
 
 from deeper_ssd.proto import caffe_pb2, regenerate
 
@@ -88,3 +91,91 @@ def test_own_layer_params_stay_in_reserved_range():
         assert field.number <= caffe_max or field.number in OWN_RANGE, field.name
         if field.number in OWN_RANGE:
             assert field.message_type is not None and field.name.endswith("_param"), field.name
+
+
+# ---- field for field against the SSD fork's compiled schema (tests/support/fork_schema.py) ----
+
+# Fields that the fork lacks and that are allowed anyway: OpenCV's Caffe extensions used by
+# published SSD nets (docs/schema.md says where each comes from).
+OPENCV_EXTRAS = {("PriorBoxParameter", n) for n in ("offset_h", "offset_w", "width", "height")}
+
+
+def _by_name(file_proto):
+    """{qualified name: DescriptorProto} and {qualified name: EnumDescriptorProto}, nested included."""
+    messages, enums = {}, {e.name: e for e in file_proto.enum_type}
+
+    def walk(prefix, message):
+        messages[prefix + message.name] = message
+        for enum in message.enum_type:
+            enums[f"{prefix}{message.name}.{enum.name}"] = enum
+        for nested in message.nested_type:
+            walk(f"{prefix}{message.name}.", nested)
+    for message in file_proto.message_type:
+        walk("", message)
+    return messages, enums
+
+
+def _default(field):
+    """A field's default, floats compared at float32 precision (protoc versions print them differently)."""
+    if not field.HasField("default_value"):
+        return None
+    if field.type in (field.TYPE_FLOAT, field.TYPE_DOUBLE):
+        return float(np.float32(float(field.default_value)))
+    return field.default_value
+
+
+def test_schema_matches_the_ssd_fork_field_for_field():
+    from support.fork_schema import fork_descriptor
+
+    fork = fork_descriptor()
+    ours = descriptor_pb2.FileDescriptorProto()
+    caffe_pb2.DESCRIPTOR.CopyToProto(ours)
+    assert (ours.package, ours.syntax or "proto2") == (fork.package, fork.syntax or "proto2")
+    fork_messages, fork_enums = _by_name(fork)
+    our_messages, our_enums = _by_name(ours)
+    own = {f.type_name.rsplit(".", 1)[-1] for f in our_messages["LayerParameter"].field
+           if f.number in OWN_RANGE}
+    problems = []
+    for name, fork_message in fork_messages.items():
+        if name not in our_messages:
+            problems.append(f"message {name} missing")
+            continue
+        our_fields = {f.name: f for f in our_messages[name].field}
+        for f in fork_message.field:
+            g = our_fields.pop(f.name, None)
+            if g is None:
+                problems.append(f"{name}.{f.name} = {f.number} missing")
+                continue
+            for attr in ("number", "label", "type", "type_name"):
+                if getattr(f, attr) != getattr(g, attr):
+                    problems.append(f"{name}.{f.name}: {attr} {getattr(g, attr)!r}, fork {getattr(f, attr)!r}")
+            if _default(f) != _default(g):
+                problems.append(f"{name}.{f.name}: default {_default(g)!r}, fork {_default(f)!r}")
+            if (f.options.HasField("packed"), f.options.packed) != (g.options.HasField("packed"), g.options.packed):
+                problems.append(f"{name}.{f.name}: packed differs")
+        for extra in our_fields.values():
+            if not ((name, extra.name) in OPENCV_EXTRAS
+                    or (name == "LayerParameter" and extra.number in OWN_RANGE)):
+                problems.append(f"{name}.{extra.name} = {extra.number} is not the fork's")
+    for name in our_messages.keys() - fork_messages.keys():
+        if name.split(".")[0] not in own:
+            problems.append(f"message {name} is not the fork's nor one of our own layers'")
+    for name, fork_enum in fork_enums.items():
+        values = [(v.name, v.number) for v in fork_enum.value]
+        if name not in our_enums or [(v.name, v.number) for v in our_enums[name].value] != values:
+            problems.append(f"enum {name} differs from the fork's {values}")
+    for name in our_enums.keys() - fork_enums.keys():
+        if name.split(".")[0] not in own:
+            problems.append(f"enum {name} is not the fork's")
+    assert not problems, "\n".join(problems)
+
+
+def test_fork_schema_fixture_is_the_packages_descriptor():
+    """The committed fixture equals the descriptor in the caffe-ssd 0.1 wheel, when one is at hand."""
+    from support.fork_schema import FIXTURE, serialized_from_wheel
+
+    wheel = os.environ.get("CAFFE_SSD_WHEEL")
+    if not wheel:
+        pytest.skip("set CAFFE_SSD_WHEEL to caffe_ssd-0.1-py3-none-any.whl "
+                    "(pip download --no-deps caffe-ssd==0.1) to re-check the committed fixture")
+    assert serialized_from_wheel(wheel) == FIXTURE.read_bytes()
