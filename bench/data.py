@@ -29,7 +29,7 @@ from deeper_ssd.data.sample import make_sample_set  # noqa: E402
 from deeper_ssd.data.transforms import SSDTransformer, decode_image, sample_from_datum  # noqa: E402
 from deeper_ssd.proto import caffe_pb2  # noqa: E402
 
-# the data layer of ssd_pascal.py's train net (reference §5.6), resize size substituted
+# the data layer of ssd_pascal.py's train net (docs/semantics.md, "SSD300 reference settings"), resize size substituted
 SSD_TRAIN_LAYER = """
 transform_param {
   mirror: true  mean_value: 104  mean_value: 117  mean_value: 123

@@ -33,7 +33,7 @@ from deeper_ssd.layers.priorbox import PriorBox  # noqa: E402
 from deeper_ssd.proto import caffe_pb2  # noqa: E402
 
 VARIANCE = "variance: 0.1 variance: 0.1 variance: 0.2 variance: 0.2"
-# (feature map, image, prior_box_param) of SSD300 (caffe-ssd-semantics.md §5.5)
+# (feature map, image, prior_box_param) of SSD300 (docs/semantics.md, "SSD300 reference settings")
 SSD300 = [(38, 300, "min_size: 30 max_size: 60 aspect_ratio: 2 step: 8"),
           (19, 300, "min_size: 60 max_size: 111 aspect_ratio: 2 aspect_ratio: 3 step: 16"),
           (10, 300, "min_size: 111 max_size: 162 aspect_ratio: 2 aspect_ratio: 3 step: 32"),

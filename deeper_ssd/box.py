@@ -1,4 +1,5 @@
-"""Box math of the SSD Caffe fork as batched tensor functions (caffe-ssd-semantics.md §3.3-3.7).
+"""Box math of the SSD Caffe fork as batched tensor functions (docs/semantics.md: "Box helpers"
+to "DetectionOutput and NMS").
 
 Boxes are ``[..., 4]`` tensors ``[xmin, ymin, xmax, ymax]``. Every function works on any
 device and in any floating dtype; Caffe itself does all box geometry in float32 (its
@@ -101,7 +102,9 @@ def _center_size(boxes: torch.Tensor):
 
 def encode(priors: torch.Tensor, variances: torch.Tensor, boxes: torch.Tensor, code_type: int,
            variance_in_target: bool) -> torch.Tensor:
-    """Regression targets of ``boxes`` w.r.t. ``priors`` (both ``[..., 4]``, broadcast), §3.4.
+    """Regression targets of ``boxes`` w.r.t. ``priors`` (both ``[..., 4]``, broadcast).
+
+    docs/semantics.md, "Box coding".
 
     ``variances [..., 4]`` divide the targets unless ``variance_in_target`` (Caffe's
     ``encode_variance_in_target``). Widths and heights must be positive for the size codes.
@@ -124,7 +127,9 @@ def encode(priors: torch.Tensor, variances: torch.Tensor, boxes: torch.Tensor, c
 
 def decode(priors: torch.Tensor, variances: torch.Tensor, loc: torch.Tensor, code_type: int,
            variance_in_target: bool) -> torch.Tensor:
-    """Boxes from predictions ``loc [..., 4]`` relative to ``priors [..., 4]`` (broadcast), §3.4.
+    """Boxes from predictions ``loc [..., 4]`` relative to ``priors [..., 4]`` (broadcast).
+
+    docs/semantics.md, "Box coding".
 
     The inverse of :func:`encode`; predictions are multiplied by ``variances`` unless
     ``variance_in_target`` (Caffe's ``variance_encoded_in_target``). No clipping.
@@ -244,7 +249,7 @@ def _best_candidates(iou: torch.Tensor, count: int) -> Tuple[torch.Tensor, torch
 
 def match(iou: torch.Tensor, gt_valid: Optional[torch.Tensor], ignored: Optional[torch.Tensor],
           overlap_threshold: float, per_prediction: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Caffe's MatchBBox for ``B`` independent problems (§3.5).
+    """Caffe's MatchBBox for ``B`` independent problems (docs/semantics.md, "Matching").
 
     ``iou [B, G, K]`` float32 between ground truth and predictions (priors or decoded boxes);
     ``gt_valid [B, G]`` (or None when padding objects already have IoU 0) marks real objects;

@@ -120,7 +120,7 @@ def cmd_detect(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# SR-TOD: the difference-map view of a net with the SR-TOD head (issue 8)
+# SR-TOD: the difference-map view of a net with the SR-TOD head (docs/srtod.md)
 
 def _diffmap_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
@@ -337,8 +337,8 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="settings", action="append", type=_setting_arg, default=[],
                    metavar="NAME=VALUE", help="override a builder parameter or model field")
     p.add_argument("--head", choices=("srtod", "zoomin"), help="attach a head: srtod = SR-TOD's "
-                   "reconstruction head + DGFE (issue 8); written to <out>/<model>_srtod/; zoomin = "
-                   "ZoomInNet distillation (issue 9): the student to <out>/<model>_zoomin/, its 2x "
+                   "reconstruction head + DGFE (docs/srtod.md); written to <out>/<model>_srtod/; zoomin = "
+                   "ZoomInNet distillation (docs/zoominnet.md): the student to <out>/<model>_zoomin/, its 2x "
                    "teacher to <out>/<model>_zoomin_teacher/")
     p.add_argument("--srtod-source", metavar="BLOB", help="SR-TOD: the prediction source it "
                    "reconstructs from and enhances (default conv4_3; others get _srtod_<BLOB>)")

@@ -1,5 +1,5 @@
 """PriorBox: Caffe's order, integer truncation, steps, offsets, clip and variances
-(caffe-ssd-semantics.md §3.1, §6.2-6.4); real Caffe and OpenCV parity when available."""
+(docs/semantics.md, "PriorBox" and "Prior counts"); real Caffe and OpenCV parity when available."""
 
 import numpy as np
 import pytest

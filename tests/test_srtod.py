@@ -1,4 +1,4 @@
-"""SR-TOD (issue 8): the four layer types against hand-computed values and float64 gradcheck,
+"""SR-TOD (docs/srtod.md): the four layer types against hand-computed values and float64 gradcheck,
 the threshold's zero / straight-through gradients, static shapes, the builder on Deeper SSD500
 and SSD300, the committed prototxt, the diffmap and opencv-check commands."""
 import filecmp

@@ -1,4 +1,4 @@
-"""Average precision exactly as Caffe-SSD computes it (caffe-ssd-semantics.md §3.9).
+"""Average precision exactly as Caffe-SSD computes it (docs/semantics.md, "ComputeAP").
 
 * :func:`compute_ap` is ``ComputeAP`` (``bbox_util.cpp``): "11point" (VOC2007; float32 recall
   compared with the double thresholds ``j/10``, so a recall of exactly 0.7 or 0.9 misses its

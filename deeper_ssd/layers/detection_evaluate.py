@@ -14,7 +14,7 @@ from .detection_blobs import GroundTruth, check_label_blob, read_ground_truth, r
 
 @register
 class DetectionEvaluate(Layer):
-    """Per-class positive counts and tp/fp flags of every detection (§3.8). See :meth:`forward`."""
+    """Per-class positive counts and tp/fp flags of every detection (docs/semantics.md, "DetectionEvaluate"). See :meth:`forward`."""
 
     caffe_type = "DetectionEvaluate"
     num_bottoms = (2, 2)

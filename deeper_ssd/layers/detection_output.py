@@ -20,7 +20,7 @@ from .detection_blobs import check_heads, check_nms, read_name_sizes
 
 @register
 class DetectionOutput(Layer):
-    """Decode, per-class NMS and keep_top_k (caffe-ssd-semantics.md §3.7). See :meth:`forward`."""
+    """Decode, per-class NMS and keep_top_k (docs/semantics.md, "DetectionOutput and NMS"). See :meth:`forward`."""
 
     caffe_type = "DetectionOutput"
     num_bottoms = (3, 4)

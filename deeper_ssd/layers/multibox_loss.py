@@ -21,7 +21,7 @@ _LOSS = caffe_pb2.LossParameter
 
 @register
 class MultiBoxLoss(Layer):
-    """SSD's training loss (caffe-ssd-semantics.md §3.5-3.6). See :meth:`forward`."""
+    """SSD's training loss (docs/semantics.md, "Matching" to "MultiBoxLoss normalisation"). See :meth:`forward`."""
 
     caffe_type = "MultiBoxLoss"
     num_bottoms = (4, 4)
@@ -75,7 +75,8 @@ class MultiBoxLoss(Layer):
         return self.terms(loc, conf, prior, label).loss
 
     def terms(self, loc, conf, prior, label) -> "MultiBoxTerms":
-        """Match, mine, and sum the two losses (caffe-ssd-semantics.md §3.5-3.6).
+        """Match, mine, and sum the two losses (docs/semantics.md: "Matching", "Hard-negative mining",
+        "MultiBoxLoss normalisation").
 
         ``loc [N, 4KL]``, ``conf [N, KC]`` (logits), ``prior [1, 2, 4K]``, ``label [1, 1, G, 8]``.
         Matching, encoding and mining use float32 box geometry like Caffe and carry no

@@ -13,7 +13,7 @@ from .registry import register
 
 @register
 class PriorBox(Layer):
-    """Default boxes of one feature map (caffe-ssd-semantics.md §3.1).
+    """Default boxes of one feature map (docs/semantics.md, "PriorBox").
 
     Bottoms: the feature map ``N x C x H x W`` and the input image ``N x 3 x img_h x img_w``
     (its size is used unless ``img_size``/``img_h``/``img_w`` are given). Top ``1 x 2 x HWP4``.

@@ -1,5 +1,5 @@
 """SR-TOD's layer types (Cao et al., "Visible and Clear: Finding Tiny Objects in Difference Map",
-ECCV 2024; shared/reference/heads-srtod-zoominnet.md part A).
+ECCV 2024; docs/srtod.md, and docs/decisions.md "SR-TOD self-reconstruction head").
 
 * :class:`DenormalizeImage` — the data blob back to the ``[0, 1]`` image the head reconstructs;
 * :class:`DifferenceMap` — Eq. 3, the channel mean of ``|reconstruction − image|``;

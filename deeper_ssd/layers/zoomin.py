@@ -1,4 +1,4 @@
-"""ZoomInNet cross-scale distillation (Liu et al., Remote Sens. 2021, shared/papers) as Caffe
+"""ZoomInNet cross-scale distillation (Liu et al., Remote Sens. 2021; docs/zoominnet.md) as Caffe
 layer types: Upsample (layer adaption, LA), AKDPMask (adaptive key distillation positions,
 Eq. 11-18) and PositionAwareL2Loss (Eq. 19-21). The 1x1 adapter convolutions of feature
 alignment are stock Convolution layers; the builder is :mod:`deeper_ssd.builder.heads`.

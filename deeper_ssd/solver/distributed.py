@@ -1,4 +1,5 @@
-"""Data parallelism with Caffe's multi-GPU semantics over ``torch.distributed`` (caffe-ssd-semantics.md §4.4).
+"""Data parallelism with Caffe's multi-GPU semantics over ``torch.distributed`` (docs/semantics.md,
+"Multi-GPU").
 
 ``caffe train --gpu 0,1,…`` runs one solver per GPU, each with the prototxt's full
 ``batch_size`` and its own loss normalisation (MultiBoxLoss divides by *its* match count); the

@@ -1,4 +1,5 @@
-"""Learning-rate policies exactly as Caffe's ``SGDSolver::GetLearningRate`` (caffe-ssd-semantics.md §4.3).
+"""Learning-rate policies exactly as Caffe's ``SGDSolver::GetLearningRate`` (docs/semantics.md,
+"Learning-rate policies").
 
 ``it`` is the number of updates already done (Caffe's ``iter_`` during ApplyUpdate):
 

@@ -1,4 +1,5 @@
-"""Caffe's parameter updates: SGD, Nesterov, AdaGrad, RMSProp, AdaDelta, Adam (caffe-ssd-semantics.md §4.2).
+"""Caffe's parameter updates: SGD, Nesterov, AdaGrad, RMSProp, AdaDelta, Adam (docs/semantics.md,
+"Solver update rules").
 
 One :class:`UpdateRule` per solver ``type`` applies ``SGDSolver::ApplyUpdate`` after the
 gradients of an iteration are accumulated:

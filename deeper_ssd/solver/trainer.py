@@ -1,4 +1,5 @@
-"""Caffe's Solver: the training loop, tests, snapshots, resume and signals (caffe-ssd-semantics.md §4).
+"""Caffe's Solver: the training loop, tests, snapshots, resume and signals (docs/semantics.md,
+"Solver iteration", "Solver state and resume").
 
     solver = Solver.from_file("prototxt/deeper_ssd500_tiny/solver.prototxt", device="cpu")
     solver.load_weights(["vgg.caffemodel"])          # optional: caffe train --weights
