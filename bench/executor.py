@@ -4,7 +4,8 @@
 
 Both run in this process on the same weights and inputs, alternating (the order flips every
 round so neither side always runs on a warm cache); the median of each is reported with the
-ratio executor / hand-written (the issue asks for <= 1.05). OpenCV's Caffe importer runs the
+ratio executor / hand-written (target and numbers: docs/performance.md, "Executor forward").
+OpenCV's Caffe importer runs the
 same deploy.prototxt + .caffemodel for reference. Outputs are checked equal before timing.
 """
 from __future__ import annotations

@@ -13,7 +13,7 @@ biases at 2x lr without decay) and ``loss.item()`` per step, as a PyTorch user w
 get the same weights and the same fixed batch (random image, 1-10 random boxes per image; the
 train data layer is replaced by that batch — data loading is measured below). The first step
 of each is checked to give the same loss, then steps alternate (order flipped every round) and
-the medians are compared (the issue asks for ratio <= 1.10).
+the medians are compared (target and numbers: docs/performance.md, "Training step").
 
 Data loading: ``--data`` also times the train data layer of each model (default 1 worker, SSD
 augmentation) on the bundled sample set, in images/s, against the images/s the training step

@@ -838,11 +838,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def keep_freed_memory() -> bool:
     """Ask glibc to keep freed memory for reuse instead of handing every block over its
-    thresholds (32 MB, 128 KB by default) back to the kernel: at 500x500 each activation of a
-    training iteration is such a block, and mapping it afresh every iteration (page faults,
-    zeroing) cost ~18 % of a CPU training iteration of deeper_ssd500_tiny here (1.53 -> 1.27
-    s). Freed memory then stays with the process (resident size near its peak). Returns False
-    where this is not glibc."""
+    mmap/trim thresholds back to the kernel (large activations are then not mapped afresh every
+    iteration; docs/performance.md, "CPU memory allocator", has the timings). Freed memory
+    stays with the process (resident size near its peak). Returns False where this is not
+    glibc."""
     import ctypes
     import ctypes.util
     if not sys.platform.startswith("linux"):

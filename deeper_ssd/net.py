@@ -144,8 +144,8 @@ class Net(torch.nn.Module):
     def _fuse_batchnorm_scale(steps: List[_Step]) -> List[_Step]:
         """Run each BatchNorm followed directly by an in-place, per-channel Scale with learned
         blobs (how Caffe nets spell an affine BatchNorm) as one ``native_batch_norm`` call:
-        the same values and gradients, ~12 % less time for the demo model's forward + backward
-        on CPU (docs/performance.md). The Scale layer keeps its blobs and its name; only
+        the same values and gradients, one pass over the activations less (timings:
+        docs/performance.md, "Training step"). The Scale layer keeps its blobs and its name; only
         the separate pass over the activations goes."""
         fused: List[_Step] = []
         for step in steps:

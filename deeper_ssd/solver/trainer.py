@@ -77,9 +77,9 @@ class NonFiniteError(RuntimeError):
 
 def use_channels_last(net: Net) -> None:
     """Keep ``net``'s 4-D blobs and its data input in channels-last memory (NHWC strides; shapes
-    and values unchanged, results equal to float rounding). oneDNN's convolutions on CPU are
-    2-3x faster so for thin layers at high resolution (the tiny model's first layers); a test
-    net that shares the blobs needs the call too, for its input."""
+    and values unchanged, results equal to float rounding; timings in docs/performance.md,
+    "Channels-last convolutions"). A test net that shares the blobs needs the call too, for
+    its input."""
     net.to(memory_format=torch.channels_last)
     for layer in net.layers:
         if layer.is_source:
