@@ -97,10 +97,24 @@ def read_text(path: PathLike, message_type):
     """Parse the text file at ``path`` as ``message_type`` (a caffe_pb2 class)."""
     path = Path(path)
     try:
-        text = path.read_text()
+        data = path.read_bytes()
     except OSError as err:
         raise CaffeFormatError(f"{path}: cannot read: {err.strerror or err}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise _looks_binary(path, message_type, f"byte 0x{data[err.start]:02x} at offset {err.start} "
+                            "is not UTF-8") from None
+    if "\0" in text:
+        raise _looks_binary(path, message_type, f"NUL byte at offset {text.index(chr(0))}")
     return parse_text(text, message_type(), str(path))
+
+
+def _looks_binary(path: Path, message_type, why: str) -> CaffeFormatError:
+    kind = {"NetParameter": "net", "SolverParameter": "solver", "LabelMap": "label map"}.get(
+        message_type.DESCRIPTOR.name, message_type.DESCRIPTOR.name)
+    return CaffeFormatError(f"{path}: not a text {kind} prototxt, it looks binary ({why}); "
+                            "is it a .caffemodel or .solverstate given where a prototxt is expected?")
 
 
 def message_to_text(message) -> str:
@@ -114,8 +128,12 @@ def write_text(message, path: PathLike) -> None:
 
 
 def read_net(path: PathLike) -> caffe_pb2.NetParameter:
-    """Parse a net prototxt (train/test/deploy) exactly as written (see :func:`upgrade_net`)."""
-    return read_text(path, caffe_pb2.NetParameter)
+    """Parse a net prototxt (train/test/deploy) exactly as written (see :func:`upgrade_net`);
+    a file with neither layers nor net-level inputs (empty, or not a net) is refused."""
+    net = read_text(path, caffe_pb2.NetParameter)
+    if not len(net.layer) and not len(net.input):
+        raise CaffeFormatError(f"{path}: the net has no layers (an empty file, or not a net prototxt?)")
+    return net
 
 
 def write_net(net: caffe_pb2.NetParameter, path: PathLike) -> None:
@@ -156,6 +174,7 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())          # mkstemp's 0600 -> what open() would give
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -167,6 +186,13 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
         except FileNotFoundError:
             pass
         raise
+
+
+def _umask() -> int:
+    """The process's file mode creation mask (read by setting it and restoring it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def read_binary(path: PathLike, message_type):

@@ -196,12 +196,16 @@ def test_missing_annotation_file_gives_a_record_without_objects(root):
     assert anno_datum.type == caffe_pb2.AnnotatedDatum.BBOX and not len(anno_datum.annotation_group)
 
 
-def test_label_map_duplicates(tmp_path):
+def test_label_map_duplicates_are_refused_without_check_label(tmp_path):
+    """The fork takes the later item unless --check-label; its test-time layers then refuse the
+    file, so it is refused here at once (docs/decisions.md)."""
     path = tmp_path / "lm.prototxt"
     path.write_text('item { name: "a" label: 1 } item { name: "a" label: 2 }')
-    assert annoset.map_name_to_label(path) == {"a": 2}          # later wins, as the fork
     with pytest.raises(AnnosetError, match="duplicate name 'a'"):
-        annoset.map_name_to_label(path, strict=True)
+        annoset.map_name_to_label(path)
+    path.write_text('item { name: "a" label: 1 } item { name: "b" label: 1 }')
+    with pytest.raises(AnnosetError, match="duplicate label 1"):
+        annoset.map_name_to_label(path)
 
 
 def test_coco_json_and_txt_label_types(root):

@@ -18,8 +18,9 @@ One record per line of a list file ``<image> <annotation>`` (detection) or ``<im
 
 Departures from the fork (all stricter, listed in docs/decisions.md): a missing or unreadable
 image, an unknown class name, a box outside the image or with ``xmin >= xmax``/``ymin >= ymax``
-and a non-integer VOC coordinate stop the build with a message naming the file (``skip_bad``
-skips and counts them instead); the database is written under a temporary name and renamed into
+a non-integer VOC coordinate and a truncated JPEG stop the build with a message naming the file
+(``skip_bad`` skips and counts them instead); a label map with a duplicate name or label is
+refused; the database is written under a temporary name and renamed into
 place only when complete.
 """
 from __future__ import annotations
@@ -62,26 +63,18 @@ class AnnosetError(ValueError):
 # ---------------------------------------------------------------------------------------------
 # label map and list file
 
-def map_name_to_label(labelmap_path: PathLike, strict: bool = False) -> Dict[str, int]:
+def map_name_to_label(labelmap_path: PathLike) -> Dict[str, int]:
     """The fork's MapNameToLabel: class name -> label from a LabelMap prototxt.
 
-    ``strict`` (``--check-label``) makes a duplicate name or label fatal; otherwise a later
-    item silently replaces an earlier one with the same name, as the fork does.
+    A duplicate name or label is always refused (the fork refuses it only with
+    ``--check-label``, and its DetectionOutput/DetectionEvaluate refuse the same file later,
+    at test time; docs/decisions.md).
     """
     try:
-        labelmap = io.read_text(labelmap_path, caffe_pb2.LabelMap)
+        labelmap = io.read_labelmap(labelmap_path)
     except io.CaffeFormatError as err:
         raise AnnosetError(f"label map: {err}") from None
-    name_to_label: Dict[str, int] = {}
-    seen_labels: Dict[int, str] = {}
-    for item in labelmap.item:
-        if strict and item.name in name_to_label:
-            raise AnnosetError(f"{labelmap_path}: duplicate name {item.name!r} in the label map")
-        if strict and item.label in seen_labels:
-            raise AnnosetError(f"{labelmap_path}: label {item.label} used by both "
-                               f"{seen_labels[item.label]!r} and {item.name!r}")
-        name_to_label[item.name] = item.label
-        seen_labels[item.label] = item.name
+    name_to_label = {item.name: item.label for item in labelmap.item}
     if not name_to_label:
         raise AnnosetError(f"{labelmap_path}: the label map has no items")
     return name_to_label
@@ -122,7 +115,7 @@ class ConvertOptions:
     anno_type: str = "classification"   # classification | detection
     label_type: str = "xml"             # xml | json | txt
     label_map_file: str = ""
-    check_label: bool = False
+    check_label: bool = False          # accepted; duplicates are always refused
     min_dim: int = 0
     max_dim: int = 0
     resize_width: int = 0
@@ -157,6 +150,19 @@ def _imread(path: str, is_color: bool, height: int, width: int, min_dim: int,
     return img
 
 
+def _check_complete_jpeg(path: str) -> None:
+    """Refuse a truncated JPEG, which OpenCV decodes without an error (grey where the data
+    ends; libjpeg only prints "Premature end of JPEG file"): the end-of-image marker FFD9 must
+    follow the last start-of-scan marker FFDA (entropy-coded data cannot contain FFD9)."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except OSError:
+        return                                  # reported by the decoder's check
+    if data[:2] == b"\xff\xd8" and b"\xff\xd9" not in data[max(data.rfind(b"\xff\xda"), 0):]:
+        raise AnnosetError(f"{path}: truncated JPEG (no end-of-image marker after the image data)")
+
+
 def _match_ext(filename: str, encoding: str) -> bool:
     ext = filename.rsplit(".", 1)[-1].lower()
     encoding = encoding.lower()
@@ -170,6 +176,7 @@ def read_image_to_datum(path: str, label: int, options: ConvertOptions,
     Raises AnnosetError when the image cannot be read or encoded.
     """
     is_color = not options.gray
+    _check_complete_jpeg(path)
     img = _imread(path, is_color, options.resize_height, options.resize_width,
                   options.min_dim, options.max_dim)
     if img is None:
@@ -442,7 +449,7 @@ def build_annoset(root: PathLike, list_file: PathLike, db_path: PathLike,
     if options.anno_type == "detection" and options.label_type != "txt":
         if not options.label_map_file:
             raise AnnosetError("detection needs --label-map-file")
-        name_to_label = map_name_to_label(options.label_map_file, options.check_label)
+        name_to_label = map_name_to_label(options.label_map_file)
     lines = read_list_file(list_file, options.anno_type)
     order = list(range(len(lines)))
     if options.shuffle:
