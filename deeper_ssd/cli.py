@@ -202,7 +202,10 @@ def create_data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("exampledir", nargs="?", help="folder to receive a symlink to the LMDB")
     p.add_argument("--redo", action="store_true", help="recreate the database if it exists")
     p.add_argument("--anno-type", default="classification", choices=("classification", "detection"))
-    p.add_argument("--label-type", default="xml", choices=("xml", "json", "txt"))
+    p.add_argument("--label-type", default="xml", choices=("xml", "json", "txt", "visdrone", "coco"),
+                   help="xml: VOC; json: the fork's per-image COCO file; txt: 'label xmin ymin "
+                   "xmax ymax'; visdrone: VisDrone-DET text; coco: an instances json holding the "
+                   "image (COCO, AI-TOD); see docs/decisions.md for ignored regions and crowds")
     p.add_argument("--backend", default="lmdb", choices=("lmdb", "leveldb"))
     p.add_argument("--check-size", action="store_true", help="all images must have one size")
     p.add_argument("--encode-type", default="", help="encode images as this type (jpg, png ...)")
@@ -251,6 +254,33 @@ def cmd_create_data(args) -> int:
         if os.path.lexists(link):
             os.unlink(link)
         os.symlink(os.path.abspath(args.outdir), link)
+    print(report.summary())
+    return 0
+
+
+def _create_list_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("root", help="dataset root (the list paths are relative to it; create-data's ROOT)")
+    p.add_argument("outdir", help="folder for trainval.txt, test.txt and test_name_size.txt")
+    p.add_argument("--layout", required=True, choices=("voc", "folders", "coco"),
+                   help="voc: VOCdevkit years; folders: Images/Labels (or images/annotations, "
+                   "VisDrone) folder pairs; coco: IMAGES:JSON image folder + instances json")
+    p.add_argument("--trainval", nargs="*", metavar="SPEC", help="parts of the training list "
+                   "(voc default: VOC2007 VOC2012)")
+    p.add_argument("--test", nargs="*", metavar="SPEC", help="parts of the test list (voc default: VOC2007)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the trainval shuffle (default 0)")
+    p.add_argument("--no-name-size", action="store_true", help="do not write test_name_size.txt")
+
+
+@command("create-list", "write trainval.txt (shuffled), test.txt and test_name_size.txt for "
+         "create-data from a VOCdevkit, image/label folder pairs (VisDrone) or COCO-style json "
+         "(the SSD fork's create_list.sh)", _create_list_arguments)
+def cmd_create_list(args) -> int:
+    from .data import annoset, lists
+    try:
+        report = lists.create_lists(args.root, args.outdir, args.layout, args.trainval, args.test,
+                                    seed=args.seed, name_size=not args.no_name_size)
+    except annoset.AnnosetError as err:
+        raise UsageError(str(err)) from None
     print(report.summary())
     return 0
 

@@ -14,6 +14,8 @@ One record per line of a list file ``<image> <annotation>`` (detection) or ``<im
   appearance; each object gets ``instance_id`` 0, 1, 2 ... within its group and a box normalised
   **without the -1**: ``xmin/width, ymin/height, xmax/width, ymax/height`` on the integer pixel
   coordinates of the XML (float32 arithmetic), width/height from the XML's ``size`` element;
+  besides VOC XML the fork's per-image json and plain txt, VisDrone-DET text and COCO instances
+  json files are read (:func:`fill_annotations`);
 * transactions are committed every 1000 records.
 
 Departures from the fork (all stricter, listed in docs/decisions.md): a missing or unreadable
@@ -87,9 +89,10 @@ def read_list_file(path: PathLike, anno_type: str = "detection") -> List[Tuple[s
     """
     path = Path(path)
     try:
-        tokens = path.read_text().split()
-    except OSError as err:
-        raise AnnosetError(f"{path}: cannot read the list file: {err.strerror or err}") from None
+        tokens = path.read_text(encoding="utf-8").split()
+    except (OSError, UnicodeDecodeError) as err:
+        raise AnnosetError(f"{path}: cannot read the list file: "
+                           f"{getattr(err, 'strerror', None) or err}") from None
     if not tokens:
         raise AnnosetError(f"{path}: the list file is empty (expected lines '<image> <annotation>')")
     if len(tokens) % 2:
@@ -113,7 +116,7 @@ def read_list_file(path: PathLike, anno_type: str = "detection") -> List[Tuple[s
 class ConvertOptions:
     """The converter's options (names as in scripts/create_annoset.py)."""
     anno_type: str = "classification"   # classification | detection
-    label_type: str = "xml"             # xml | json | txt
+    label_type: str = "xml"             # one of LABEL_TYPES
     label_map_file: str = ""
     check_label: bool = False          # accepted; duplicates are always refused
     min_dim: int = 0
@@ -314,7 +317,7 @@ def _fill_json(anno_datum, path: str, image_hw, name_to_label, warnings) -> None
     "annotation": [{"category_id", "bbox": [x, y, w, h], "iscrowd"}]}``; ``category_id`` is
     looked up as a name in the label map, ``iscrowd`` becomes ``difficult``."""
     try:
-        doc = json.loads(Path(path).read_text())
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise AnnosetError(f"{path}: not a readable JSON file ({err})") from None
     image = doc.get("image", {}) if isinstance(doc, dict) else {}
@@ -350,23 +353,133 @@ def _fill_txt(anno_datum, path: str, image_hw, warnings) -> None:
         _set_box(_add_object(anno_datum, label), coords, width, height, False, where)
 
 
+#: VisDrone-DET category ids -> names (the toolkit's order); 0 and 11 are handled apart
+VISDRONE_CATEGORIES = {0: "ignored-regions", 1: "pedestrian", 2: "people", 3: "bicycle", 4: "car",
+                       5: "van", 6: "truck", 7: "tricycle", 8: "awning-tricycle", 9: "bus",
+                       10: "motor", 11: "others"}
+
+
+def _count(counts: Optional[Dict[str, int]], what: str) -> None:
+    if counts is not None:
+        counts[what] = counts.get(what, 0) + 1
+
+
+def _fill_visdrone(anno_datum, path: str, image_hw, name_to_label, counts) -> None:
+    """VisDrone-DET text: one object per line ``x,y,w,h,score,category,truncation,occlusion``
+    (pixels, top-left corner and size; image size from the image). Category 0 ("ignored
+    regions") is dropped and counted; category 11 ("others") is kept under the label-map name
+    ``others`` if there is one, else dropped and counted; a box with score 0 (not evaluated by
+    the benchmark) is kept as ``difficult``. docs/decisions.md gives the reasons."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8-sig").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise AnnosetError(f"{path}: cannot read: {getattr(err, 'strerror', None) or err}") from None
+    height, width = image_hw
+    for number, line in enumerate(lines, 1):
+        fields = [f.strip() for f in line.strip().rstrip(",").split(",")]
+        if fields == [""]:
+            continue
+        where = f"{path}: line {number}"
+        try:
+            if len(fields) < 6:
+                raise ValueError
+            x, y, w, h = (np.float32(int(v)) for v in fields[:4])
+            score, category = int(fields[4]), int(fields[5])
+        except ValueError:
+            raise AnnosetError(f"{where}: expected 'x,y,w,h,score,category,truncation,occlusion' "
+                               f"with integer fields, got {line.strip()!r}") from None
+        if category not in VISDRONE_CATEGORIES:
+            raise AnnosetError(f"{where}: unknown VisDrone category {category} (0-11)")
+        name = VISDRONE_CATEGORIES[category]
+        if category == 0 or (category == 11 and name not in name_to_label):
+            _count(counts, f"VisDrone {name} (category {category}) dropped")
+            continue
+        anno = _add_object(anno_datum, _lookup(name, name_to_label, where))
+        _set_box(anno, (x, y, x + w, y + h), width, height, score == 0, where)
+
+
+def _coco_index(path: str) -> Tuple[Dict[str, dict], Dict[int, list], Dict[int, str]]:
+    """An instances json, indexed: ``file_name -> image``, ``image id -> annotations`` (file
+    order), ``category id -> name``. Cached per file and modification time."""
+    stat = os.stat(path)
+    key = (os.path.realpath(path), stat.st_mtime_ns, stat.st_size)
+    if _COCO_CACHE.get("key") != key:
+        try:
+            doc = json.loads(Path(path).read_text(encoding="utf-8"))
+            images = {str(im["file_name"]): im for im in doc["images"]}
+            categories = {int(c["id"]): str(c["name"]) for c in doc["categories"]}
+            per_image: Dict[int, list] = {}
+            for anno in doc.get("annotations", []):
+                per_image.setdefault(anno["image_id"], []).append(anno)
+        except (OSError, UnicodeDecodeError, ValueError) as err:
+            raise AnnosetError(f"{path}: not a readable JSON file ({err})") from None
+        except (KeyError, TypeError) as err:
+            raise AnnosetError(f"{path}: not a COCO instances file (needs 'images' with 'file_name' "
+                               f"and 'categories' with 'id' and 'name'; {type(err).__name__}: {err})") from None
+        _COCO_CACHE.update(key=key, value=(images, per_image, categories))
+    return _COCO_CACHE["value"]
+
+
+#: the last instances json read (one list file refers to one json on every line)
+_COCO_CACHE: Dict[str, object] = {}
+
+
+def _fill_coco(anno_datum, path: str, image_path: str, image_hw, name_to_label, warnings) -> None:
+    """A COCO instances json (COCO, AI-TOD, any ``instances_*.json``): the image whose
+    ``file_name`` is the longest tail of ``image_path``; its annotations in file order, each
+    ``bbox [x, y, w, h]`` (float pixels) under the label-map name of its category's ``name``;
+    ``iscrowd`` becomes ``difficult`` as in the fork's per-image json."""
+    images, per_image, categories = _coco_index(path)
+    parts = Path(image_path).parts
+    image = next((images[t] for t in ("/".join(parts[k:]) for k in range(len(parts))) if t in images), None)
+    if image is None:
+        raise AnnosetError(f"{path}: no image with file_name {parts[-1]!r} (nor a longer tail of "
+                           f"{image_path})")
+    height, width = _size_from(image.get("height"), image.get("width"), image_hw, path, warnings)
+    for number, obj in enumerate(per_image.get(image.get("id"), []), 1):
+        where = f"{path}: image {image.get('id')} ({image['file_name']}) annotation id {obj.get('id', number)}"
+        try:
+            name = categories[int(obj["category_id"])]
+        except (KeyError, TypeError, ValueError):
+            raise AnnosetError(f"{where}: category_id {obj.get('category_id')!r} is not among the "
+                               "file's categories") from None
+        box = obj.get("bbox")
+        if not isinstance(box, list) or len(box) != 4:
+            raise AnnosetError(f"{where}: 'bbox' must be [x, y, width, height]")
+        anno = _add_object(anno_datum, _lookup(name, name_to_label, where))
+        x, y, w, h = (np.float32(v) for v in box)
+        _set_box(anno, (x, y, x + w, y + h), width, height, bool(int(obj.get("iscrowd", 0))), where)
+
+
+#: --label-type values
+LABEL_TYPES = ("xml", "json", "txt", "visdrone", "coco")
+
+
 def fill_annotations(anno_datum: caffe_pb2.AnnotatedDatum, label_path: str, label_type: str,
                      image_hw: Tuple[int, int], name_to_label: Dict[str, int],
-                     warnings: List[str]) -> None:
-    """Add the annotation groups of one label file (xml, json or txt) to ``anno_datum``."""
+                     warnings: List[str], image_path: str = "",
+                     counts: Optional[Dict[str, int]] = None) -> None:
+    """Add the annotation groups of one label file to ``anno_datum``: ``xml`` (VOC), ``json``
+    (the fork's per-image COCO file), ``txt`` (``label xmin ymin xmax ymax``), ``visdrone``
+    (VisDrone-DET text) or ``coco`` (an instances json holding ``image_path``). Objects left
+    out by rule (VisDrone ignored regions) are counted in ``counts``."""
     if label_type == "xml":
         _fill_xml(anno_datum, label_path, image_hw, name_to_label, warnings)
     elif label_type == "json":
         _fill_json(anno_datum, label_path, image_hw, name_to_label, warnings)
     elif label_type == "txt":
         _fill_txt(anno_datum, label_path, image_hw, warnings)
+    elif label_type == "visdrone":
+        _fill_visdrone(anno_datum, label_path, image_hw, name_to_label, counts)
+    elif label_type == "coco":
+        _fill_coco(anno_datum, label_path, image_path, image_hw, name_to_label, warnings)
     else:
-        raise AnnosetError(f"unknown label type {label_type!r} (xml, json or txt)")
+        raise AnnosetError(f"unknown label type {label_type!r} ({', '.join(LABEL_TYPES)})")
 
 
 def read_annotated_datum(image_path: str, label: str, options: ConvertOptions,
-                         name_to_label: Dict[str, int], warnings: List[str]
-                         ) -> caffe_pb2.AnnotatedDatum:
+                         name_to_label: Dict[str, int], warnings: List[str],
+                         counts: Optional[Dict[str, int]] = None) -> caffe_pb2.AnnotatedDatum:
     """One record: ReadRichImageToAnnotatedDatum (detection) or ReadImageToDatum
     (classification). A detection record whose label file does not exist has no objects, as in
     the fork."""
@@ -380,7 +493,7 @@ def read_annotated_datum(image_path: str, label: str, options: ConvertOptions,
         resized = options.min_dim or options.max_dim or (options.resize_height and options.resize_width)
         original_hw = cv2.imread(image_path).shape[:2] if resized else decoded_hw
         fill_annotations(anno_datum, label, options.label_type, original_hw,
-                         name_to_label, warnings)
+                         name_to_label, warnings, image_path, counts)
     else:
         warnings.append(f"{label}: annotation file missing; record stored without objects "
                         "(as the fork does)")
@@ -399,9 +512,12 @@ class BuildReport:
     skipped: List[str] = field(default_factory=list)       # messages of skipped entries
     warnings: List[str] = field(default_factory=list)
     objects: int = 0
+    dropped: Dict[str, int] = field(default_factory=dict)   # objects left out by rule, per rule
 
     def summary(self) -> str:
         text = f"{self.db_path}: {self.written} records, {self.objects} objects"
+        if self.dropped:
+            text += "".join(f", {n} {what}" for what, n in sorted(self.dropped.items()))
         if self.skipped:
             text += f", {len(self.skipped)} skipped"
         if self.warnings:
@@ -441,6 +557,8 @@ def build_annoset(root: PathLike, list_file: PathLike, db_path: PathLike,
     root, db_path = Path(root), Path(db_path)
     if options.anno_type not in ("classification", "detection"):
         raise AnnosetError(f"unknown annotation type {options.anno_type!r} (classification or detection)")
+    if options.label_type not in LABEL_TYPES:
+        raise AnnosetError(f"unknown label type {options.label_type!r} ({', '.join(LABEL_TYPES)})")
     if db_path.exists() and not redo:
         raise AnnosetError(f"{db_path} already exists (pass --redo to recreate it)")
     if not root.is_dir():
@@ -463,8 +581,9 @@ def build_annoset(root: PathLike, list_file: PathLike, db_path: PathLike,
             image, label = lines[line_id]
             label_path = label if options.anno_type == "classification" else str(root / label)
             try:
+                counts: Dict[str, int] = {}
                 anno_datum = read_annotated_datum(str(root / image), label_path, options,
-                                                  name_to_label, report.warnings)
+                                                  name_to_label, report.warnings, counts)
             except AnnosetError as err:
                 if not options.skip_bad:
                     raise AnnosetError(f"{list_file}: entry {line_id + 1}: {err}") from None
@@ -479,6 +598,8 @@ def build_annoset(root: PathLike, list_file: PathLike, db_path: PathLike,
                     raise AnnosetError(f"{root / image}: image is {shape[0]}x{shape[1]}x{shape[2]} "
                                        f"(CxHxW), the first one was "
                                        f"{'x'.join(map(str, expected_shape[0]))} (--check-size)")
+            for what, n in counts.items():
+                report.dropped[what] = report.dropped.get(what, 0) + n
             report.written += 1
             report.objects += sum(len(g.annotation) for g in anno_datum.annotation_group)
             if progress is not None:

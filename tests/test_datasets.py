@@ -1,0 +1,366 @@
+"""Drone and COCO-style datasets: VisDrone-DET text, COCO instances json, the fork's per-image
+json through create-data, the list layouts of create-list, and an LMDB read back by the
+AnnotatedData layer."""
+import json
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from google.protobuf import text_format
+
+from deeper_ssd import cli, io
+from deeper_ssd.data import lists
+from deeper_ssd.data.annoset import AnnosetError, AnnotatedDB, ConvertOptions, build_annoset
+from deeper_ssd.layers import registry
+from deeper_ssd.proto import caffe_pb2
+
+REPO = Path(__file__).resolve().parent.parent
+VISDRONE_MAP = REPO / "data" / "labelmap_visdrone.prototxt"
+AITOD_MAP = REPO / "data" / "labelmap_aitod.prototxt"
+f32 = np.float32
+
+
+def labels_of(path):
+    return {item.name: item.label for item in io.read_labelmap(path).item}
+
+
+def write_image(path, height, width, seed=0):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = np.random.default_rng(seed).integers(0, 255, (height, width, 3), dtype=np.uint8)
+    assert cv2.imwrite(str(path), image)
+
+
+def records(db_path):
+    db = AnnotatedDB(db_path)
+    out = [(key.decode(), db.datum(key)) for key in db.keys()]
+    db.close()
+    return out
+
+
+def objects(anno_datum):
+    """(label, instance, difficult, xmin, ymin, xmax, ymax) per object, groups in order."""
+    return [(g.group_label, a.instance_id, a.bbox.difficult, a.bbox.xmin, a.bbox.ymin, a.bbox.xmax,
+             a.bbox.ymax) for g in anno_datum.annotation_group for a in g.annotation]
+
+
+def norm(x, size):
+    """The stored float32 coordinate / size, as the converter computes it."""
+    return float(f32(x) / f32(size))
+
+
+def detection(label_type, label_map, **changes):
+    return ConvertOptions(anno_type="detection", label_type=label_type, label_map_file=str(label_map),
+                          encode_type="jpg", encoded=True, check_label=True, **changes)
+
+
+def test_label_maps_of_visdrone_and_aitod():
+    assert labels_of(VISDRONE_MAP) == {
+        "none_of_the_above": 0, "pedestrian": 1, "people": 2, "bicycle": 3, "car": 4, "van": 5,
+        "truck": 6, "tricycle": 7, "awning-tricycle": 8, "bus": 9, "motor": 10}
+    assert labels_of(AITOD_MAP) == {
+        "none_of_the_above": 0, "airplane": 1, "bridge": 2, "storage-tank": 3, "ship": 4,
+        "swimming-pool": 5, "vehicle": 6, "person": 7, "wind-mill": 8}
+
+
+# ---------------------------------------------------------------------------------------------
+# VisDrone-DET text
+
+@pytest.fixture
+def visdrone(tmp_path):
+    """A VisDrone-DET split folder: an image with cars, a pedestrian, an ignored region, an
+    'others' box and a score-0 van; a non-ASCII file name; an image with an empty annotation."""
+    root = tmp_path / "VisDrone"
+    split = root / "VisDrone2019-DET-train"
+    write_image(split / "images" / "0000001_00000_d_0000001.jpg", 60, 80, 1)
+    (split / "annotations").mkdir()
+    (split / "annotations" / "0000001_00000_d_0000001.txt").write_text(
+        "10,20,30,15,1,4,0,0\n"          # car
+        "0,0,5,8,1,1,0,1\n"              # pedestrian at the corner
+        "40,5,20,20,0,0,0,0\n"           # ignored region: dropped
+        "2,30,10,10,1,11,0,0\n"          # others: dropped (not in the label map)
+        "50,40,30,20,1,4,1,2,\n"         # car touching the right/bottom edges, trailing comma
+        "60,1,8,6,0,5,0,0\n")            # van with score 0: difficult
+    write_image(split / "images" / "ñandú_曲.jpg", 40, 50, 2)
+    (split / "annotations" / "ñandú_曲.txt").write_text("5,6,7,8,1,10,0,0\n")
+    write_image(split / "images" / "empty.jpg", 30, 30, 3)
+    (split / "annotations" / "empty.txt").write_text("")
+    return root
+
+
+def test_visdrone_records_field_by_field(visdrone, tmp_path):
+    report = lists.create_lists(visdrone, tmp_path / "lists", "folders", ["VisDrone2019-DET-train"], [])
+    assert report.lists["trainval"][1] == 3 and "test" not in report.lists
+    order = [line.split()[0] for line in (tmp_path / "lists" / "trainval.txt").read_text().splitlines()]
+    build = build_annoset(visdrone, tmp_path / "lists" / "trainval.txt", tmp_path / "db",
+                          detection("visdrone", VISDRONE_MAP))
+    assert build.written == 3 and build.objects == 5
+    assert build.dropped == {"VisDrone ignored-regions (category 0) dropped": 1,
+                             "VisDrone others (category 11) dropped": 1}
+    assert "1 VisDrone others (category 11) dropped" in build.summary()
+    got = dict(zip([Path(p).name for p in order], [a for _, a in records(tmp_path / "db")]))
+    first = got["0000001_00000_d_0000001.jpg"]
+    assert (first.datum.height, first.datum.width, first.datum.encoded) == (60, 80, True)
+    assert first.type == caffe_pb2.AnnotatedDatum.BBOX
+    assert objects(first) == [
+        (4, 0, False, norm(10, 80), norm(20, 60), norm(40, 80), norm(35, 60)),
+        (4, 1, False, norm(50, 80), norm(40, 60), norm(80, 80), norm(60, 60)),
+        (1, 0, False, 0.0, 0.0, norm(5, 80), norm(8, 60)),
+        (5, 0, True, norm(60, 80), norm(1, 60), norm(68, 80), norm(7, 60))]
+    assert objects(got["ñandú_曲.jpg"]) == [(10, 0, False, norm(5, 50), norm(6, 40), norm(12, 50), norm(14, 40))]
+    assert got["empty.jpg"].type == caffe_pb2.AnnotatedDatum.BBOX and not len(got["empty.jpg"].annotation_group)
+    keys = [key for key, _ in records(tmp_path / "db")]
+    assert [key.split("_", 1)[1] for key in keys] == order
+
+
+def test_visdrone_others_kept_when_the_label_map_names_them(visdrone, tmp_path):
+    lm = tmp_path / "lm.prototxt"
+    lm.write_text(VISDRONE_MAP.read_text() + 'item { name: "others" label: 11 display_name: "others" }\n')
+    split = visdrone / "VisDrone2019-DET-train"
+    (tmp_path / "l.txt").write_text(f"{split.name}/images/0000001_00000_d_0000001.jpg "
+                                    f"{split.name}/annotations/0000001_00000_d_0000001.txt\n")
+    report = build_annoset(visdrone, tmp_path / "l.txt", tmp_path / "db", detection("visdrone", lm))
+    assert report.objects == 5 and list(report.dropped.values()) == [1]
+    [(_, anno_datum)] = records(tmp_path / "db")
+    assert [g.group_label for g in anno_datum.annotation_group] == [4, 1, 11, 5]
+
+
+@pytest.mark.parametrize("line, message", [
+    ("70,10,20,5,1,4,0,0", "outside the 80x60 image"),
+    ("10,10,0,5,1,4,0,0", "empty or inverted"),
+    ("10,10,5,5,1,12,0,0", "unknown VisDrone category 12"),
+    ("10,10,5.5,5,1,4,0,0", "integer fields"),
+    ("10,10,5,5", "integer fields"),
+])
+def test_visdrone_bad_entries_are_reported_per_entry(visdrone, tmp_path, line, message):
+    split = visdrone / "VisDrone2019-DET-train"
+    (split / "annotations" / "0000001_00000_d_0000001.txt").write_text(line + "\n")
+    (tmp_path / "l.txt").write_text(
+        f"{split.name}/images/empty.jpg {split.name}/annotations/empty.txt\n"
+        f"{split.name}/images/0000001_00000_d_0000001.jpg {split.name}/annotations/0000001_00000_d_0000001.txt\n")
+    with pytest.raises(AnnosetError, match=message) as err:
+        build_annoset(visdrone, tmp_path / "l.txt", tmp_path / "db", detection("visdrone", VISDRONE_MAP))
+    assert "entry 2" in str(err.value) and "0000001_00000_d_0000001.txt: line 1" in str(err.value)
+    report = build_annoset(visdrone, tmp_path / "l.txt", tmp_path / "db",
+                           detection("visdrone", VISDRONE_MAP, skip_bad=True))
+    assert report.written == 1 and len(report.skipped) == 1 and message.split()[0] in report.skipped[0]
+
+
+def test_visdrone_lmdb_through_the_annotated_data_layer(visdrone, tmp_path):
+    split = visdrone / "VisDrone2019-DET-train"
+    (tmp_path / "l.txt").write_text(f"{split.name}/images/0000001_00000_d_0000001.jpg "
+                                    f"{split.name}/annotations/0000001_00000_d_0000001.txt\n")
+    build_annoset(visdrone, tmp_path / "l.txt", tmp_path / "db", detection("visdrone", VISDRONE_MAP))
+    lp = text_format.Parse(
+        f'name: "data" type: "AnnotatedData" top: "data" top: "label" data_param {{ source: '
+        f'"{tmp_path / "db"}" batch_size: 1 backend: LMDB }} transform_param {{ mean_value: 104 '
+        'mean_value: 117 mean_value: 123 resize_param { prob: 1 resize_mode: WARP height: 32 '
+        'width: 32 interp_mode: LINEAR } } annotated_data_param { batch_sampler { } '
+        f'label_map_file: "{VISDRONE_MAP}" }}', caffe_pb2.LayerParameter())
+    layer = registry.get("AnnotatedData")(lp, [], phase=caffe_pb2.TEST)
+    layer.configure_loader(num_workers=0)
+    data, label = layer.forward()
+    assert tuple(data.shape) == (1, 3, 32, 32)
+    rows = label[0, 0].numpy()
+    expected = np.array([
+        [0, 4, 0, 10 / 80, 20 / 60, 40 / 80, 35 / 60, 0],
+        [0, 4, 1, 50 / 80, 40 / 60, 80 / 80, 60 / 60, 0],
+        [0, 1, 0, 0, 0, 5 / 80, 8 / 60, 0],
+        [0, 5, 0, 60 / 80, 1 / 60, 68 / 80, 7 / 60, 1]], f32)
+    assert rows.shape == (4, 8) and np.allclose(rows, expected, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# COCO instances json (AI-TOD)
+
+@pytest.fixture
+def aitod(tmp_path):
+    """An AI-TOD-like tree: images/train with three images (one non-ASCII name, one without
+    annotations), annotations/instances_train.json with a crowd box and float boxes."""
+    root = tmp_path / "AI-TOD"
+    write_image(root / "images" / "train" / "P0001__1024__0___0.png", 50, 100, 1)
+    write_image(root / "images" / "train" / "naïve_港.png", 40, 40, 2)
+    write_image(root / "images" / "train" / "no_objects.png", 20, 30, 3)
+    doc = {
+        "images": [{"id": 7, "file_name": "P0001__1024__0___0.png", "height": 50, "width": 100},
+                   {"id": 9, "file_name": "naïve_港.png", "height": 40, "width": 40},
+                   {"id": 11, "file_name": "no_objects.png", "height": 20, "width": 30}],
+        "categories": [{"id": 1, "name": "airplane"}, {"id": 3, "name": "storage-tank"},
+                       {"id": 6, "name": "vehicle"}],
+        "annotations": [
+            {"id": 1, "image_id": 7, "category_id": 6, "bbox": [10.5, 20.25, 4.5, 3.0], "iscrowd": 0},
+            {"id": 2, "image_id": 9, "category_id": 1, "bbox": [0, 0, 40, 40], "iscrowd": 0},
+            {"id": 3, "image_id": 7, "category_id": 3, "bbox": [50, 10, 30, 30], "iscrowd": 1},
+            {"id": 4, "image_id": 7, "category_id": 6, "bbox": [90, 45, 10, 5]}]}
+    (root / "annotations").mkdir()
+    (root / "annotations" / "instances_train.json").write_text(json.dumps(doc, ensure_ascii=False))
+    return root
+
+
+def test_coco_instances_records_field_by_field(aitod, tmp_path):
+    report = lists.create_lists(aitod, tmp_path / "lists", "coco", [],
+                                ["images/train:annotations/instances_train.json"])
+    assert (tmp_path / "lists" / "test.txt").read_text() == (
+        "images/train/P0001__1024__0___0.png annotations/instances_train.json\n"
+        "images/train/naïve_港.png annotations/instances_train.json\n"
+        "images/train/no_objects.png annotations/instances_train.json\n")
+    assert (tmp_path / "lists" / "test_name_size.txt").read_text() == \
+        "P0001__1024__0___0 50 100\nnaïve_港 40 40\nno_objects 20 30\n"
+    assert report.lists["test"][1] == 3
+    build_annoset(aitod, tmp_path / "lists" / "test.txt", tmp_path / "db", detection("coco", AITOD_MAP))
+    (k0, a0), (k1, a1), (k2, a2) = records(tmp_path / "db")
+    assert (k0, k1, k2) == ("00000000_images/train/P0001__1024__0___0.png",
+                            "00000001_images/train/naïve_港.png", "00000002_images/train/no_objects.png")
+    # PNG files re-encoded as jpg (--encode-type jpg)
+    assert a0.datum.data[:2] == b"\xff\xd8" and (a0.datum.height, a0.datum.width) == (50, 100)
+    assert objects(a0) == [
+        (6, 0, False, norm(10.5, 100), norm(20.25, 50), float((f32(10.5) + f32(4.5)) / f32(100)),
+         float((f32(20.25) + f32(3)) / f32(50))),
+        (6, 1, False, norm(90, 100), norm(45, 50), 1.0, 1.0),
+        (3, 0, True, norm(50, 100), norm(10, 50), norm(80, 100), norm(40, 50))]      # crowd
+    assert objects(a1) == [(1, 0, False, 0.0, 0.0, 1.0, 1.0)]
+    assert a2.type == caffe_pb2.AnnotatedDatum.BBOX and not len(a2.annotation_group)
+
+
+def test_coco_bad_entries(aitod, tmp_path):
+    path = aitod / "annotations" / "instances_train.json"
+    doc = json.loads(path.read_text())
+    (tmp_path / "l.txt").write_text("images/train/no_objects.png annotations/instances_train.json\n"
+                                    "images/train/P0001__1024__0___0.png annotations/instances_train.json\n")
+    cases = [({"category_id": 2}, "category_id 2 is not among the file's categories"),
+             ({"bbox": [95, 0, 10, 5]}, "outside the 100x50 image"),
+             ({"bbox": [5, 5, 0, 5]}, "empty or inverted"),
+             ({"bbox": [5, 5, 5]}, "must be \\[x, y, width, height\\]")]
+    for change, message in cases:
+        bad = json.loads(json.dumps(doc))
+        bad["annotations"][0].update(change)
+        path.write_text(json.dumps(bad))
+        with pytest.raises(AnnosetError, match=message) as err:
+            build_annoset(aitod, tmp_path / "l.txt", tmp_path / "db", detection("coco", AITOD_MAP), redo=True)
+        assert "entry 2" in str(err.value) and "annotation id 1" in str(err.value)
+        report = build_annoset(aitod, tmp_path / "l.txt", tmp_path / "db",
+                               detection("coco", AITOD_MAP, skip_bad=True), redo=True)
+        assert report.written == 1 and len(report.skipped) == 1
+    bad = json.loads(json.dumps(doc))
+    bad["categories"][2]["name"] = "tractor"
+    path.write_text(json.dumps(bad))
+    with pytest.raises(AnnosetError, match="unknown class name 'tractor'"):
+        build_annoset(aitod, tmp_path / "l.txt", tmp_path / "db2", detection("coco", AITOD_MAP))
+    (tmp_path / "l.txt").write_text("images/train/elsewhere.png annotations/instances_train.json\n")
+    write_image(aitod / "images" / "train" / "elsewhere.png", 10, 10)
+    with pytest.raises(AnnosetError, match="no image with file_name 'elsewhere.png'"):
+        build_annoset(aitod, tmp_path / "l.txt", tmp_path / "db3", detection("coco", AITOD_MAP))
+
+
+# ---------------------------------------------------------------------------------------------
+# the fork's per-image json (--label-type json), with a non-ASCII name and a crowd box
+
+def test_fork_per_image_json(tmp_path):
+    write_image(tmp_path / "imgs" / "café.jpg", 40, 60)
+    (tmp_path / "labels").mkdir()
+    (tmp_path / "labels" / "café.json").write_text(json.dumps({
+        "image": {"id": 1, "file_name": "café.jpg", "height": 40, "width": 60},
+        "annotation": [{"id": 5, "category_id": 18, "bbox": [1, 2, 10, 20], "iscrowd": 1},
+                       {"id": 6, "category_id": 1, "bbox": [30.5, 0, 29.5, 40], "iscrowd": 0}]},
+        ensure_ascii=False), encoding="utf-8")
+    lm = tmp_path / "coco.prototxt"
+    lm.write_text('item { name: "none_of_the_above" label: 0 } item { name: "1" label: 1 '
+                  'display_name: "person" } item { name: "18" label: 17 display_name: "dog" }')
+    (tmp_path / "l.txt").write_text("imgs/café.jpg labels/café.json\n", encoding="utf-8")
+    build_annoset(tmp_path, tmp_path / "l.txt", tmp_path / "db", detection("json", lm))
+    [(key, anno_datum)] = records(tmp_path / "db")
+    assert key == "00000000_imgs/café.jpg"
+    assert objects(anno_datum) == [
+        (17, 0, True, norm(1, 60), norm(2, 40), norm(11, 60), norm(22, 40)),
+        (1, 0, False, norm(30.5, 60), 0.0, 1.0, 1.0)]
+
+
+# ---------------------------------------------------------------------------------------------
+# create-list layouts
+
+def voc_tree(root):
+    for year, splits in (("VOC2007", {"trainval": ["000005", "000007"], "test": ["000001"]}),
+                         ("VOC2012", {"trainval": ["2008_000002"]})):
+        (root / year / "ImageSets" / "Main").mkdir(parents=True)
+        for split, ids in splits.items():
+            (root / year / "ImageSets" / "Main" / f"{split}.txt").write_text("\n".join(ids) + "\n")
+            for i in ids:
+                write_image(root / year / "JPEGImages" / f"{i}.jpg", 30 + len(i), 40)
+    return root
+
+
+def test_voc_layout_is_create_list_sh(tmp_path):
+    root = voc_tree(tmp_path / "VOCdevkit")
+    report = lists.create_lists(root, tmp_path / "out", "voc", seed=3)
+    trainval = (tmp_path / "out" / "trainval.txt").read_text().splitlines()
+    assert sorted(trainval) == sorted([
+        "VOC2007/JPEGImages/000005.jpg VOC2007/Annotations/000005.xml",
+        "VOC2007/JPEGImages/000007.jpg VOC2007/Annotations/000007.xml",
+        "VOC2012/JPEGImages/2008_000002.jpg VOC2012/Annotations/2008_000002.xml"])
+    assert (tmp_path / "out" / "test.txt").read_text() == \
+        "VOC2007/JPEGImages/000001.jpg VOC2007/Annotations/000001.xml\n"
+    assert (tmp_path / "out" / "test_name_size.txt").read_text() == "000001 36 40\n"
+    assert report.lists["trainval"][1] == 3
+    again = lists.create_lists(root, tmp_path / "again", "voc", seed=3)
+    assert (tmp_path / "again" / "trainval.txt").read_text() == "\n".join(trainval) + "\n"
+    orders = {tuple(lists.layout_entries(root, "voc", ["VOC2007", "VOC2012"], "trainval"))}
+    for seed in range(6):
+        lists.create_lists(root, tmp_path / "s", "voc", seed=seed, name_size=False)
+        orders.add(tuple(tuple(line.split()) for line in (tmp_path / "s" / "trainval.txt").read_text().splitlines()))
+    assert len(orders) > 1                                   # shuffled, not list order
+    assert again.summary().count("lines") == 3
+
+
+def test_folders_layout_pairs_by_stem(tmp_path):
+    root = tmp_path / "drone"
+    for split in ("train", "val"):
+        write_image(root / split / "Images" / "b.jpg", 10, 10)
+        write_image(root / split / "Images" / "a.png", 12, 10)
+        (root / split / "Labels").mkdir(parents=True)
+        (root / split / "Labels" / "a.xml").write_text("<annotation/>")
+    (root / "train" / "Images" / "notes.md").write_text("not an image")
+    lists.create_lists(root, tmp_path / "out", "folders", ["train"], ["val"])
+    assert (tmp_path / "out" / "test.txt").read_text() == (
+        "val/Images/a.png val/Labels/a.xml\nval/Images/b.jpg val/Labels/b.xml\n")
+    assert (tmp_path / "out" / "test_name_size.txt").read_text() == "a 12 10\nb 10 10\n"
+    assert len((tmp_path / "out" / "trainval.txt").read_text().splitlines()) == 2
+
+
+@pytest.mark.parametrize("layout, trainval, message", [
+    ("folders", None, "needs the trainval part"),
+    ("folders", ["nothere"], "not a folder"),
+    ("coco", ["images"], "is not IMAGES:JSON"),
+    ("voc", ["VOC2042"], "cannot read the trainval ids"),
+])
+def test_create_list_refusals(tmp_path, layout, trainval, message):
+    root = voc_tree(tmp_path / "root")
+    with pytest.raises(AnnosetError, match=message):
+        lists.create_lists(root, tmp_path / "out", layout, trainval, [])
+    assert not (tmp_path / "out").exists()
+
+
+def test_white_space_in_a_file_name_is_refused(tmp_path):
+    root = tmp_path / "r"
+    write_image(root / "s" / "images" / "a b.jpg", 10, 10)
+    (root / "s" / "annotations").mkdir()
+    with pytest.raises(AnnosetError, match="white space"):
+        lists.create_lists(root, tmp_path / "out", "folders", ["s"], [])
+
+
+def test_two_commands_from_visdrone_folders_to_lmdbs(visdrone, tmp_path, capsys):
+    shutil.copytree(visdrone / "VisDrone2019-DET-train", visdrone / "VisDrone2019-DET-val")
+    out = tmp_path / "data" / "VisDrone"
+    assert cli.main(["create-list", str(visdrone), str(out), "--layout", "folders",
+                     "--trainval", "VisDrone2019-DET-train", "--test", "VisDrone2019-DET-val"]) == 0
+    assert "trainval.txt: 3 lines" in capsys.readouterr().out
+    for subset in ("trainval", "test"):
+        assert cli.main(["create-data", "--anno-type", "detection", "--label-type", "visdrone",
+                         "--label-map-file", str(VISDRONE_MAP), "--encode-type", "jpg", "--encoded",
+                         str(visdrone), str(out / f"{subset}.txt"), str(tmp_path / f"{subset}_lmdb")]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("3 records, 5 objects, 1 VisDrone ignored-regions (category 0) dropped") == 2
+    assert len(records(tmp_path / "test_lmdb")) == 3
+    assert (out / "test_name_size.txt").read_text().splitlines()[0] == "0000001_00000_d_0000001 60 80"
+    assert cli.main(["create-list", str(visdrone), str(out), "--layout", "coco", "--trainval", "--test", "x"]) == 2
+    assert "is not IMAGES:JSON" in capsys.readouterr().err
