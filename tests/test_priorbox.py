@@ -214,3 +214,145 @@ def test_priors_match_opencv_on_integer_sizes():
     ours = _all_priors(plan, steps).numpy()
     assert ours.shape == (1, 2, 4 * 8732)
     np.testing.assert_allclose(ours, theirs.reshape(ours.shape), atol=2e-6)
+
+
+# ---- OpenCV's extensions: explicit width/height and several offsets per cell ----
+
+def test_explicit_sides_and_offsets_order_and_values():
+    """Per cell: box, then offset (OpenCV's order); sides used as given; offset_w on x, offset_h on y."""
+    out = priors("width: 10 height: 20 width: 30.5 height: 5 offset_h: 0.2 offset_w: 0.5 "
+                 "offset_h: 0.7 offset_w: 0.25 step: 16", (4, 6), (64, 96))
+    assert out.shape == (1, 2, 4 * 6 * 2 * 2 * 4)
+    boxes = out[0, 0].view(-1, 4).numpy() * [96, 64, 96, 64]
+    cell00 = [[8 - 5, 3.2 - 10, 8 + 5, 3.2 + 10],             # 10x20 at offset (0.2, 0.5)
+              [4 - 5, 11.2 - 10, 4 + 5, 11.2 + 10],           # 10x20 at offset (0.7, 0.25)
+              [8 - 15.25, 3.2 - 2.5, 8 + 15.25, 3.2 + 2.5],   # 30.5x5, not truncated to 30
+              [4 - 15.25, 11.2 - 2.5, 4 + 15.25, 11.2 + 2.5]]
+    np.testing.assert_allclose(boxes[:4], cell00, atol=1e-4)
+    np.testing.assert_allclose(boxes[4], [24 - 5, 3.2 - 10, 24 + 5, 3.2 + 10], atol=1e-4)  # cell (0, 1)
+
+
+def test_several_offsets_with_min_max_sizes_and_prior_count():
+    """min/max sizes and ratios keep Caffe's rules; each of their boxes repeats per offset."""
+    two = priors("min_size: 10 max_size: 20 aspect_ratio: 2 flip: false offset_h: 0 offset_w: 0.5 "
+                 "offset_h: 0.5 offset_w: 0.5 offset_h: 1 offset_w: 0.5 step: 8", (2, 3), (16, 24))
+    assert two.shape == (1, 2, 2 * 3 * 3 * 3 * 4)                 # 3 boxes x 3 offsets per cell
+    boxes = two[0, 0].view(-1, 4).numpy() * [24, 16, 24, 16]
+    np.testing.assert_allclose(boxes[:3, 1], [-5, -1, 3], atol=1e-4)       # min box at y 0, 4, 8
+    side = np.sqrt(200.0)
+    np.testing.assert_allclose(boxes[3], [4 - side / 2, -side / 2, 4 + side / 2, side / 2], atol=1e-4)
+
+
+@pytest.mark.parametrize("params,message", [
+    ("width: 10", "height"),
+    ("width: 10 height: 10 min_size: 10", "no min_size"),
+    ("width: 10 height: 10 aspect_ratio: 2", "no min_size"),
+    ("width: 10 height: 0", "positive"),
+    ("min_size: 10 offset_h: 0.5", "offset_w"),
+    ("min_size: 10 offset: 0.5 offset_h: 0.5 offset_w: 0.5", "not both"),
+])
+def test_bad_opencv_extension_parameters_are_refused(params, message):
+    with pytest.raises(LayerError, match=message):
+        build(prior_layer(params), [(1, 1, 2, 2), (1, 3, 10, 10)])
+
+
+def _opencv_priors(cv2, params, feature_hw, image_hw):
+    text = (f'input: "data" input_shape {{ dim: 1 dim: 3 dim: {image_hw[0]} dim: {image_hw[1]} }}\n'
+            f'input: "f" input_shape {{ dim: 1 dim: 1 dim: {feature_hw[0]} dim: {feature_hw[1]} }}\n'
+            f'layer {{ {prior_layer(params)} }}\n')
+    net = cv2.dnn.readNetFromCaffe(bytearray(text.encode()))
+    net.setInput(np.zeros((1, 3, *image_hw), np.float32), "data")
+    net.setInput(np.zeros((1, 1, *feature_hw), np.float32), "f")
+    return net.forward("pb")
+
+
+TEXT_DETECTION_PRIORS = [
+    # TextBoxes-style long boxes, each repeated at two vertical offsets
+    "min_size: 30 max_size: 60 aspect_ratio: 2 aspect_ratio: 3 aspect_ratio: 5 aspect_ratio: 7 "
+    "aspect_ratio: 10 flip: false offset_h: 0.5 offset_w: 0.5 offset_h: 1 offset_w: 0.5",
+    "width: 21.5 height: 9.25 width: 48 height: 12 offset_h: 0.25 offset_w: 0.5 offset_h: 0.75 "
+    "offset_w: 0.5 step: 7",
+    "width: 16 height: 16 offset_h: 0.3 offset_w: 0.6 step_h: 6 step_w: 9 clip: true",
+    "min_size: 20 min_size: 40 max_size: 30 max_size: 50 aspect_ratio: 2 offset_h: 0 offset_w: 0 "
+    "offset_h: 0.5 offset_w: 1",
+]
+
+
+@pytest.mark.parametrize("params", TEXT_DETECTION_PRIORS)
+def test_opencv_extensions_match_opencv(params):
+    cv2 = pytest.importorskip("cv2")
+    params += "" if "clip" in params else " clip: false"      # OpenCV clips unless told
+    params += " variance: 0.1 variance: 0.1 variance: 0.2 variance: 0.2"
+    ours = priors(params, (5, 9), (48, 80)).numpy()
+    np.testing.assert_allclose(ours, _opencv_priors(cv2, params, (5, 9), (48, 80)), atol=2e-6)
+
+
+def test_three_offsets_match_opencv_where_opencv_writes():
+    """OpenCV 4.14 sizes its top for 2 (n - 1) offsets but writes n per box; we emit n (the count
+    heads need) and equal what OpenCV writes (docs/decisions.md)."""
+    cv2 = pytest.importorskip("cv2")
+    params = ("width: 10 height: 20 offset_h: 0 offset_w: 0.5 offset_h: 0.5 offset_w: 0.5 offset_h: 1 "
+              "offset_w: 0.5 clip: false variance: 0.1 variance: 0.1 variance: 0.2 variance: 0.2")
+    ours = priors(params, (4, 6), (64, 96)).numpy()
+    theirs = _opencv_priors(cv2, params, (4, 6), (64, 96))
+    assert ours.shape == (1, 2, 4 * 6 * 3 * 4)
+    np.testing.assert_allclose(ours, theirs[:, :, :ours.shape[2]], atol=2e-6)
+
+
+def _text_detection_deploy() -> str:
+    """A small TextBoxes-style deploy: two feature maps, long boxes at two vertical offsets on the
+    first, explicit box sides on the second, 1x5 head kernels, softmax and DetectionOutput."""
+    def conv(name, bottom, n, kernel="kernel_size: 3 pad: 1", stride=1):
+        return (f'layer {{ name: "{name}" type: "Convolution" bottom: "{bottom}" top: "{name}" '
+                f'convolution_param {{ num_output: {n} {kernel} stride: {stride} '
+                f'weight_filler {{ type: "xavier" }} bias_filler {{ type: "constant" value: 0.1 }} }} }}\n'
+                f'layer {{ name: "{name}_relu" type: "ReLU" bottom: "{name}" top: "{name}" }}\n')
+    sources = [("f1", "min_size: 24 max_size: 48 aspect_ratio: 2 aspect_ratio: 5 flip: false "
+                      "offset_h: 0.5 offset_w: 0.5 offset_h: 1 offset_w: 0.5", 4 * 2),
+               ("f2", "width: 40.5 height: 12 width: 64 height: 20.25 offset_h: 0.25 offset_w: 0.5 "
+                      "offset_h: 0.75 offset_w: 0.5", 2 * 2)]
+    text = ('name: "textboxes_like" input: "data" input_shape { dim: 1 dim: 3 dim: 64 dim: 128 }\n'
+            + conv("c1", "data", 8, stride=4) + conv("f1", "c1", 8) + conv("f2", "f1", 8, stride=2))
+    heads = {"loc": [], "conf": [], "priorbox": []}
+    for name, params, per_cell in sources:
+        for kind, n in (("loc", 4), ("conf", 2)):
+            head = f"{name}_mbox_{kind}"
+            text += (f'layer {{ name: "{head}" type: "Convolution" bottom: "{name}" top: "{head}" '
+                     f'convolution_param {{ num_output: {per_cell * n} kernel_h: 1 kernel_w: 5 pad_h: 0 '
+                     f'pad_w: 2 weight_filler {{ type: "xavier" }} }} }}\n'
+                     f'layer {{ name: "{head}_perm" type: "Permute" bottom: "{head}" top: "{head}_perm" '
+                     f'permute_param {{ order: 0 order: 2 order: 3 order: 1 }} }}\n'
+                     f'layer {{ name: "{head}_flat" type: "Flatten" bottom: "{head}_perm" '
+                     f'top: "{head}_flat" flatten_param {{ axis: 1 }} }}\n')
+            heads[kind].append(f"{head}_flat")
+        text += (f'layer {{ name: "{name}_mbox_priorbox" type: "PriorBox" bottom: "{name}" bottom: "data" '
+                 f'top: "{name}_mbox_priorbox" prior_box_param {{ {params} clip: false variance: 0.1 '
+                 f'variance: 0.1 variance: 0.2 variance: 0.2 }} }}\n')
+        heads["priorbox"].append(f"{name}_mbox_priorbox")
+    for kind, axis in (("loc", 1), ("conf", 1), ("priorbox", 2)):
+        bottoms = " ".join(f'bottom: "{b}"' for b in heads[kind])
+        text += (f'layer {{ name: "mbox_{kind}" type: "Concat" {bottoms} top: "mbox_{kind}" '
+                 f'concat_param {{ axis: {axis} }} }}\n')
+    return text + (
+        'layer { name: "conf_reshape" type: "Reshape" bottom: "mbox_conf" top: "conf_reshape" '
+        'reshape_param { shape { dim: 0 dim: -1 dim: 2 } } }\n'
+        'layer { name: "conf_softmax" type: "Softmax" bottom: "conf_reshape" top: "conf_softmax" '
+        'softmax_param { axis: 2 } }\n'
+        'layer { name: "conf_flat" type: "Flatten" bottom: "conf_softmax" top: "conf_flat" '
+        'flatten_param { axis: 1 } }\n'
+        'layer { name: "detection_out" type: "DetectionOutput" bottom: "mbox_loc" bottom: "conf_flat" '
+        'bottom: "mbox_priorbox" top: "detection_out" detection_output_param { num_classes: 2 '
+        'share_location: true background_label_id: 0 nms_param { nms_threshold: 0.45 top_k: 100 } '
+        'code_type: CENTER_SIZE keep_top_k: 50 confidence_threshold: 0.2 } }\n')
+
+
+def test_text_detection_deploy_matches_opencv_layer_by_layer(tmp_path):
+    pytest.importorskip("cv2")
+    from support.opencv import compare_with_opencv
+
+    deploy = tmp_path / "deploy.prototxt"
+    deploy.write_text(_text_detection_deploy())
+    net = io.read_net(deploy)
+    plan = shapes.plan_net(net, caffe_pb2.TEST, device="meta")
+    assert plan.blob_shapes["mbox_priorbox"] == (1, 2, 4 * (16 * 32 * 8 + 8 * 16 * 4))
+    assert compare_with_opencv(deploy) == len(net.layer)    # every layer, priors and detections included

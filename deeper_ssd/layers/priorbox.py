@@ -23,6 +23,12 @@ class PriorBox(Layer):
     list ``[1, a1, 1/a1, a2, 1/a2, ...]`` (a ratio within 1e-6 of a listed one is skipped);
     cell centres and box sides are float32, the corner arithmetic is double, rounded to the
     output dtype at the end; ``clip`` clamps to [0, 1] after generation.
+
+    OpenCV's extensions (docs/schema.md), with OpenCV's semantics: ``width``/``height`` give
+    the boxes' sides in input pixels explicitly (used as given, not truncated; instead of
+    min/max sizes and ratios), and ``offset_h``/``offset_w`` pairs replace ``offset`` with
+    several centres per cell. Per cell the order is box, then offset:
+    ``P = boxes x offsets`` priors per cell (docs/decisions.md for OpenCV's own count).
     """
 
     caffe_type = "PriorBox"
@@ -34,8 +40,17 @@ class PriorBox(Layer):
         if len(feature) != 4 or len(image) != 4:
             raise ValueError(f"bottoms must be 4-D (feature map, image); got "
                              f"{format_shape(feature)} and {format_shape(image)}")
-        if not len(p.min_size):
-            raise ValueError("must provide min_size")
+        if len(p.width) != len(p.height):
+            raise ValueError(f"{len(p.width)} width for {len(p.height)} height; give them in pairs")
+        self.explicit_sides = [(float(w), float(h)) for w, h in zip(p.width, p.height)]
+        if self.explicit_sides:
+            if len(p.min_size) or len(p.max_size) or len(p.aspect_ratio):
+                raise ValueError("width/height give the boxes explicitly: no min_size, max_size "
+                                 "or aspect_ratio with them")
+            if any(not (w > 0 and h > 0) for w, h in self.explicit_sides):
+                raise ValueError(f"width and height must be positive, got {list(p.width)}, {list(p.height)}")
+        elif not len(p.min_size):
+            raise ValueError("must provide min_size (or width/height)")
         if any(not s > 0 for s in p.min_size):
             raise ValueError(f"min_size must be positive, got {list(p.min_size)}")
         self.min_sizes = [float(s) for s in p.min_size]
@@ -57,7 +72,6 @@ class PriorBox(Layer):
                 if not mx > mn:
                     raise ValueError(f"max_size {mx} must be greater than min_size {mn}")
             self.max_sizes = [float(s) for s in p.max_size]
-        self.num_priors = len(ratios) * len(self.min_sizes) + len(self.max_sizes)
         if len(p.variance) > 1:
             if len(p.variance) != 4:
                 raise ValueError(f"variance needs 1 or 4 values, got {len(p.variance)}")
@@ -88,17 +102,28 @@ class PriorBox(Layer):
             self.step_hw = (p.step, p.step)
         else:
             self.step_hw = None
-        self.offset = p.offset
+        if len(p.offset_h) or len(p.offset_w):
+            if p.HasField("offset"):
+                raise ValueError("either offset or offset_h/offset_w should be specified; not both")
+            if len(p.offset_h) != len(p.offset_w):
+                raise ValueError(f"{len(p.offset_h)} offset_h for {len(p.offset_w)} offset_w; "
+                                 "give them in pairs")
+            self.offsets_hw = [(float(h), float(w)) for h, w in zip(p.offset_h, p.offset_w)]
+        else:
+            self.offsets_hw = [(p.offset, p.offset)]
         self.clip = p.clip
         self._box_sides = self._cell_box_sides()
+        self.num_priors = len(self._box_sides) * len(self.offsets_hw)
         dim = feature[2] * feature[3] * self.num_priors * 4
         if dim <= 0:
             raise ValueError(f"feature map {format_shape(feature)} gives no prior")
         return [(1, 2, dim)]
 
     def _cell_box_sides(self) -> np.ndarray:
-        """``P x 2`` float32 (width, height) of the boxes of one cell, in input pixels, in
-        emission order; sizes truncated to int as Caffe does."""
+        """``B x 2`` float32 (width, height) of the boxes of one cell, in input pixels, in
+        emission order; min/max sizes truncated to int as Caffe does, width/height as given."""
+        if self.explicit_sides:
+            return np.asarray(self.explicit_sides, dtype=np.float32)
         sides = []
         for s, raw_min in enumerate(self.min_sizes):
             mn = int(raw_min)
@@ -124,15 +149,15 @@ class PriorBox(Layer):
         else:
             step_h = np.float32(np.float32(img_h) / np.float32(layer_h))
             step_w = np.float32(np.float32(img_w) / np.float32(layer_w))
-        offset = np.float32(self.offset)
         f32 = dict(dtype=torch.float32, device=device)
-        cx = (torch.arange(layer_w, **f32) + float(offset)) * float(step_w)      # float32
-        cy = (torch.arange(layer_h, **f32) + float(offset)) * float(step_h)
-        sides = torch.as_tensor(self._box_sides, device=device).double()        # P x 2
-        half_w, half_h = sides[:, 0] / 2.0, sides[:, 1] / 2.0
-        cxd = cx.double().view(1, layer_w, 1)
-        cyd = cy.double().view(layer_h, 1, 1)
-        shape = (layer_h, layer_w, len(self._box_sides))
+        off_h, off_w = torch.tensor(self.offsets_hw, **f32).T                  # O each
+        cx = (torch.arange(layer_w, **f32).view(-1, 1) + off_w) * float(step_w)  # W x O float32
+        cy = (torch.arange(layer_h, **f32).view(-1, 1) + off_h) * float(step_h)  # H x O
+        sides = torch.as_tensor(self._box_sides, device=device).double()        # B x 2
+        half_w, half_h = sides[:, :1] / 2.0, sides[:, 1:] / 2.0                 # B x 1
+        cxd = cx.double().view(1, layer_w, 1, -1)
+        cyd = cy.double().view(layer_h, 1, 1, -1)
+        shape = (layer_h, layer_w, len(self._box_sides), len(self.offsets_hw))
         boxes = torch.stack([((cxd - half_w) / img_w).expand(shape),
                              ((cyd - half_h) / img_h).expand(shape),
                              ((cxd + half_w) / img_w).expand(shape),
