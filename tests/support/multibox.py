@@ -2,7 +2,7 @@
 "Matching", "Hard-negative mining", "MultiBoxLoss normalisation"; not from deeper_ssd.box), to check the batched implementation on random batches and as the
 baseline of bench/loss.py.
 
-One image at a time: read its objects, match them to the priors with the document's greedy
+One image at a time: read its objects, match them to the priors with the greedy
 bipartite + per-prediction rules, mine negatives, gather the selected rows and let autograd
 differentiate the plain sums. Supported: share_location true, use_prior_for_matching true or
 false, every code_type, encode_variance_in_target (with the true gradient of pred/variance),
