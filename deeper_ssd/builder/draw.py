@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Tuple
 
-from .. import io, shapes
-from ..layers import LayerError, format_shape
+from .. import shapes
+from ..layers import format_shape
 from ..proto import caffe_pb2
 
 __all__ = ["Graph", "net_graph", "layout", "draw", "to_dot"]
@@ -47,19 +47,14 @@ class Graph:
 
 
 def _layer_rows(net: caffe_pb2.NetParameter, phase: int):
-    """(name, type, geometry, bottoms, tops, top shapes or None) of the layers in ``phase``."""
-    try:
-        return [(r.name, r.type, r.geometry, r.bottoms, r.tops, r.shapes)
-                for r in shapes.infer_shapes(net, phase)]
-    except LayerError:   # draw what the file says, without shapes
-        net = io.upgrade_net(net)
-        state = shapes.net_state(net, phase)
-        return [(lp.name, lp.type, "", list(lp.bottom), list(lp.top), None)
-                for lp in net.layer if shapes.layer_included(lp, state)]
+    """(name, type, geometry, bottoms, tops, top shapes) of the layers in ``phase``; a net
+    whose shapes cannot be inferred raises the LayerError naming the layer (no drawing)."""
+    return [(r.name, r.type, r.geometry, r.bottoms, r.tops, r.shapes)
+            for r in shapes.infer_shapes(net, phase)]
 
 
 def net_graph(net: caffe_pb2.NetParameter, phase: int = caffe_pb2.TEST) -> Graph:
-    """The graph of ``net`` in ``phase``; blob nodes carry their shape when it can be inferred."""
+    """The graph of ``net`` in ``phase``; blob nodes carry their shapes."""
     graph = Graph(net.name or "net")
     latest: Dict[str, str] = {}          # blob name -> key of the node holding its latest value
     producer: Dict[str, str] = {}        # blob node key -> layer node key
@@ -76,8 +71,7 @@ def net_graph(net: caffe_pb2.NetParameter, phase: int = caffe_pb2.TEST) -> Graph
             graph.edges.append((latest[bottom], key))
         for i, top in enumerate(tops):
             blob_key = f"blob:{top}:{len(graph.nodes)}"
-            shape = f"\n{format_shape(top_shapes[i])}" if top_shapes else ""
-            graph.nodes[blob_key] = Node(blob_key, f"{top}{shape}", "blob")
+            graph.nodes[blob_key] = Node(blob_key, f"{top}\n{format_shape(top_shapes[i])}", "blob")
             graph.edges.append((key, blob_key))
             latest[top], producer[blob_key] = blob_key, key
     return graph

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from .. import io, shapes
+from . import settings
 from ..proto import caffe_pb2
 from .deeper import DEEPER_SSD500_EXTRAS, DEEPER_SSD500_SOURCES, down_module, up_module
 from .solver import PAPER_SOLVER, SSD_VOC0712_SOLVER, SolverSettings, build_solver
@@ -90,13 +91,15 @@ def get(name: str, **overrides) -> SSDModel:
     """Build zoo model ``name``; ``overrides`` go to its builder or replace SSDModel fields."""
     entry = _entry(name)
     params = inspect.signature(entry.build).parameters
-    model = entry.build(**{k: v for k, v in overrides.items() if k in params})
     rest = {k: v for k, v in overrides.items() if k not in params}
     allowed = {f.name for f in fields(SSDModel)}
     unknown = sorted(set(rest) - allowed)
     if unknown:
         raise KeyError(f"{name}: unknown setting(s) {', '.join(unknown)}; builder parameters: "
                        f"{', '.join(params) or 'none'}; model fields: {', '.join(sorted(allowed))}")
+    built = settings.check({k: v for k, v in overrides.items() if k in params}, settings.hints(entry.build))
+    rest = settings.check(rest, settings.hints(SSDModel))
+    model = entry.build(**built)
     return model.replace(**rest) if rest else model
 
 
