@@ -71,6 +71,7 @@ def test_round_trip_voc_xml_matches_fork_convention(root):
     for group_label in order:
         ids = [i for label, i, _ in got if label == group_label]
         assert ids == list(range(len(ids)))
+    assert len(got) == len(want), (len(got), len(want))
     for (label, _, bbox), (want_label, difficult, (x0, y0, x1, y1)) in zip(got, want):
         assert label == want_label and bbox.difficult == difficult
         # normalised WITHOUT the -1: float32(coordinate) / float32(size)

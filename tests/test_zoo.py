@@ -11,6 +11,7 @@ from deeper_ssd import cli, io, shapes
 from deeper_ssd.layers import LayerError
 from deeper_ssd.proto import caffe_pb2
 from deeper_ssd.builder import deeper, heads, ssd, zoo
+from support import zip_same
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -254,7 +255,7 @@ def _check_opencv_shapes(net: caffe_pb2.NetParameter, plan: ssd.SSDPlan, tmp_pat
     cv_net = cv2.dnn.readNetFromCaffe(str(tmp_path / "deploy.prototxt"), str(tmp_path / "weights.caffemodel"))
     size = net.input_shape[0].dim[2]
     cv_net.setInput(np.random.default_rng(1).uniform(-120, 130, (1, 3, size, size)).astype(np.float32))
-    for name, out in zip(names, cv_net.forward(names)):
+    for name, out in zip_same(names, cv_net.forward(names), "OpenCV outputs"):
         ours = rows[name]
         assert len(out.shape) == len(ours), (name, out.shape, ours)
         assert all(o == d or d == -1 for o, d in zip(out.shape, ours)), (name, out.shape, ours)
