@@ -285,6 +285,32 @@ def cmd_create_list(args) -> int:
     return 0
 
 
+def _convert_vgg_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", help="torchvision VGG16 state dict (.pth, e.g. vgg16-397923af.pth)")
+    p.add_argument("out", help="the .caffemodel to write (VGG_ILSVRC_16_layers_fc_reduced layout)")
+    p.add_argument("--mean", default="104,117,123",
+                   help="BGR mean the data layers subtract (transform_param mean_value; default SSD's)")
+
+
+@command("convert-vgg", "convert torchvision's ImageNet VGG16 into the SSD fork's fc-reduced "
+         "VGG16 base (BGR 0-255 mean-subtracted input, fc6/fc7 subsampled) for train --weights",
+         _convert_vgg_arguments)
+def cmd_convert_vgg(args) -> int:
+    from . import convert_vgg
+    try:
+        mean = [float(v) for v in args.mean.split(",")]
+    except ValueError:
+        mean = []
+    if len(mean) != 3:
+        raise UsageError(f"--mean {args.mean!r}: give three comma-separated numbers (B,G,R)")
+    try:
+        names = convert_vgg.convert_file(args.source, args.out, mean)
+    except convert_vgg.VGGConversionError as err:
+        raise UsageError(str(err)) from None
+    print(f"{args.out}: {len(names)} layers ({', '.join(names)})")
+    return 0
+
+
 def _data_info_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("db", help="annotated LMDB")
     p.add_argument("--list", action="store_true", help="one line per record")

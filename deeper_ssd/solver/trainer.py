@@ -395,6 +395,8 @@ class Solver:
             loaded = self.train_net.load_caffemodel(path, prefix=prefix)
             for net in self.test_nets:
                 net.load_caffemodel(path, prefix=prefix)
+            for name in loaded:
+                self.log(f"Copying source layer {name}")        # Caffe's CopyTrainedLayersFrom line
             self.log(f"Finetuning from {path}{f' into {prefix}*' if prefix else ''}: {len(loaded)} layer(s) "
                      "copied" + ("" if loaded else " -- no layer name matches this net"))
 
