@@ -320,6 +320,26 @@ class Net(torch.nn.Module):
             loaded.append(name)
         return loaded
 
+    def load_trained(self, path: Union[str, Path]) -> List[str]:
+        """:meth:`load_caffemodel` for inference (detect, test): a file that fills no layer of
+        this net is a WeightsError naming layers on both sides. Returns the names of the layers
+        with parameters that the file left at their fillers."""
+        loaded = self.load_caffemodel(path)
+        learnable = [layer.name for layer in self.layers if len(layer.blobs)]
+        if learnable and not loaded:
+            raise WeightsError(f"{path}: no layer of the file matches a layer of net '{self.name}' "
+                               f"({self.weights_mismatch(path)}); wrong .caffemodel for this net?")
+        return [name for name in learnable if name not in loaded]
+
+    def weights_mismatch(self, path: Union[str, Path]) -> str:
+        """A few layer names with parameters on each side, for a .caffemodel that fills none."""
+        def few(names: List[str]) -> str:
+            return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "") \
+                if names else "none"
+        in_file = [lp.name for lp in io.read_caffemodel(path).layer if len(lp.blobs)]
+        in_net = [layer.name for layer in self.layers if len(layer.blobs)]
+        return f"file layers: {few(in_file)}; net layers: {few(in_net)}"
+
     def to_proto(self, with_blobs: bool = True) -> caffe_pb2.NetParameter:
         """The net's layers (as filtered for its phase) with their blobs, as Caffe's Net::ToProto."""
         net = caffe_pb2.NetParameter(name=self.name)

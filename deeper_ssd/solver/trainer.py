@@ -398,7 +398,8 @@ class Solver:
             for name in loaded:
                 self.log(f"Copying source layer {name}")        # Caffe's CopyTrainedLayersFrom line
             self.log(f"Finetuning from {path}{f' into {prefix}*' if prefix else ''}: {len(loaded)} layer(s) "
-                     "copied" + ("" if loaded else " -- no layer name matches this net"))
+                     "copied" + ("" if loaded else f"; Warning: no layer of the file matches a layer of this "
+                                 f"net ({self.train_net.weights_mismatch(path)})"))
 
     # -- the loop ------------------------------------------------------------------------------
     def _warn_slow_batchnorm_averages(self) -> None:
