@@ -522,7 +522,7 @@ def cmd_draw(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# training and testing (issue 7): train, test, plot-training-log, demo
+# training and testing: train, test, plot-training-log, demo
 
 class _Console:
     """Log lines to stdout (and, with a glog-style prefix, to a log file) plus a progress line
