@@ -21,10 +21,11 @@ import torch
 
 from . import io, shapes
 from .layers import Layer, LayerError
+from .layers.data import DataLayer
 from .layers.fillers import fill
 from .proto import caffe_pb2
 
-__all__ = ["Net", "NetOutputs", "LearnableParam", "WeightsError", "phase_value"]
+__all__ = ["Net", "NetOutputs", "LearnableParam", "WeightsError", "phase_value", "top_loss_weights"]
 
 PhaseLike = Union[int, str]
 
@@ -43,6 +44,18 @@ def phase_value(phase: PhaseLike) -> int:
     if phase not in (caffe_pb2.TRAIN, caffe_pb2.TEST):
         raise ValueError(f"phase must be TRAIN or TEST, not {phase!r}")
     return int(phase)
+
+
+def top_loss_weights(layer: Layer) -> Tuple[float, ...]:
+    """Caffe's loss weight of each of ``layer``'s tops: ``loss_weight`` (one entry per top), else
+    1 for top 0 of a loss layer and 0 for the rest (0 = not part of the objective)."""
+    lp = layer.lp
+    if len(lp.loss_weight) not in (0, len(lp.top)):
+        raise LayerError(f"layer '{lp.name}': loss_weight needs 0 or {len(lp.top)} entries "
+                         f"(one per top), has {len(lp.loss_weight)}")
+    if len(lp.loss_weight):
+        return tuple(lp.loss_weight)
+    return tuple(1.0 if (layer.is_loss and i == 0) else 0.0 for i in range(len(lp.top)))
 
 
 @dataclass
@@ -125,13 +138,7 @@ class Net(torch.nn.Module):
             if len(lp.propagate_down) not in (0, len(lp.bottom)):
                 raise LayerError(f"layer '{lp.name}': propagate_down needs 0 or {len(lp.bottom)} "
                                  f"entries, has {len(lp.propagate_down)}")
-            if len(lp.loss_weight) not in (0, len(lp.top)):
-                raise LayerError(f"layer '{lp.name}': loss_weight needs 0 or {len(lp.top)} entries "
-                                 f"(one per top), has {len(lp.loss_weight)}")
-            if len(lp.loss_weight):
-                weights = tuple(lp.loss_weight)
-            else:
-                weights = tuple(1.0 if (layer.is_loss and i == 0) else 0.0 for i in range(len(lp.top)))
+            weights = top_loss_weights(layer)
             detach = tuple(not flag for flag in lp.propagate_down) if len(lp.propagate_down) \
                 else (False,) * len(lp.bottom)
             bottom_slots = tuple(self._slot[name] for name in step.bottoms)
@@ -224,6 +231,17 @@ class Net(torch.nn.Module):
     def params(self) -> Dict[str, List[torch.nn.Parameter]]:
         """Parameter blobs by layer name, in Caffe order (weights, then bias)."""
         return {layer.name: list(layer.blobs) for layer in self.layers if len(layer.blobs)}
+
+    @property
+    def data_layers(self) -> List[DataLayer]:
+        """The layers that read their own data (AnnotatedData ...), in net order."""
+        return [layer for layer in self.layers if isinstance(layer, DataLayer)]
+
+    @property
+    def loss_weights(self) -> Dict[str, float]:
+        """Loss weight of every top that is part of the objective (:func:`top_loss_weights`)."""
+        return {top: weight for layer in self.layers
+                for top, weight in zip(layer.lp.top, top_loss_weights(layer)) if weight}
 
     @property
     def inputs(self) -> List[str]:

@@ -2,8 +2,8 @@
 
 :func:`evaluate` runs a TEST-phase :class:`deeper_ssd.net.Net` whose outputs are
 DetectionEvaluate rows (the SSD test net) for ``iterations`` forward passes and accumulates the
-rows as Caffe's ``Solver::TestDetection`` (so its mAP equals the ``detection_eval`` a training
-run logs on the same weights and images). Hooks on the DetectionEvaluate layer give the size
+rows as Caffe's ``Solver::TestDetection`` with the solver's own test loop (:mod:`.loop`), so
+its mAP equals the ``detection_eval`` a training run logs on the same weights and images. Hooks on the DetectionEvaluate layer give the size
 buckets (:mod:`.sizes`) and the time spent evaluating, so that the detection speed (paper Eq. 8:
 images / total detection time) counts the network and DetectionOutput (decoding and NMS), not
 data loading or evaluation. The first batch is a warm-up and not timed when there are several.
@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from .. import io
-from .ap import AP_VERSIONS, DetectionAccumulator, compute_ap
+from .ap import AP_VERSIONS, compute_ap
+from .loop import DetectionRows, run_test_net
 from .sizes import SizeBuckets
 
 __all__ = ["Evaluation", "evaluate", "label_names", "device_description", "pr_points"]
@@ -103,7 +104,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-@torch.no_grad()
 def evaluate(net, iterations: int, ap_version: str = "11point", sizes: bool = True,
              progress: Optional[Callable[[int, int], None]] = None) -> Evaluation:
     """Run ``net`` ``iterations`` times and evaluate (see the module docstring).
@@ -114,7 +114,7 @@ def evaluate(net, iterations: int, ap_version: str = "11point", sizes: bool = Tr
     if not evaluators:
         raise ValueError(f"net '{net.name}' has no DetectionEvaluate layer: give the test net "
                          "(test.prototxt), not the deploy net")
-    data_layers = [l for l in net.layers if l.is_source]
+    sources = [layer for layer in net.layers if layer.is_source]
     buckets = SizeBuckets(evaluators[0]) if sizes else None
     device = net.device
     clock = {"eval": 0.0}
@@ -130,32 +130,37 @@ def evaluate(net, iterations: int, ap_version: str = "11point", sizes: bool = Tr
 
     handles = [h for layer in evaluators for h in (layer.register_forward_pre_hook(before),
                                                     layer.register_forward_hook(after))]
-    accumulators: Dict[str, DetectionAccumulator] = {}
-    detect_s, timed_images, batch = 0.0, 0, 0
+    rows = DetectionRows(strict=False)
+    detect_s, timed_images, batch, done, started = 0.0, 0, 0, 0, 0.0
+
+    def start_batch(_batch: int) -> None:
+        nonlocal started
+        clock["eval"] = 0.0
+        _sync(device)
+        started = time.perf_counter()
+
+    def consume(outputs) -> None:
+        nonlocal detect_s, timed_images, batch, done
+        _sync(device)
+        elapsed = time.perf_counter() - started
+        wait = sum(layer.timing.last_wait_s for layer in net.data_layers)
+        batch = int(net.blob_shapes[sources[0].lp.top[0]][0]) if sources else 1
+        if done > 0 or iterations == 1:
+            detect_s += max(elapsed - wait - clock["eval"], 0.0)
+            timed_images += batch
+        rows.add(outputs)
+        done += 1
+        if progress is not None:
+            progress(done, iterations)
+
     try:
-        for i in range(iterations):
-            clock["eval"] = 0.0
-            _sync(device)
-            start = time.perf_counter()
-            outputs = net()
-            _sync(device)
-            elapsed = time.perf_counter() - start
-            wait = sum(getattr(l, "timing").last_wait_s for l in data_layers if hasattr(l, "timing"))
-            batch = int(net.blob_shapes[data_layers[0].lp.top[0]][0]) if data_layers else 1
-            if i > 0 or iterations == 1:
-                detect_s += max(elapsed - wait - clock["eval"], 0.0)
-                timed_images += batch
-            for name, rows in outputs.items():
-                if rows.shape[-1] == 5:
-                    accumulators.setdefault(name, DetectionAccumulator()).add(rows.cpu().numpy())
-            if progress is not None:
-                progress(i + 1, iterations)
+        run_test_net(net, iterations, consume, before_batch=start_batch)
     finally:
         for handle in handles:
             handle.remove()
-    if not accumulators:
+    if not rows.accumulators:
         raise ValueError(f"net '{net.name}' has no output of DetectionEvaluate rows (width 5)")
-    output, acc = next(iter(accumulators.items()))
+    output, acc = next(iter(rows.accumulators.items()))
     results = {v: acc.result(v) for v in AP_VERSIONS}
     headline = results[ap_version]
     pr = {label: pr_points(acc.true_pos[label], acc.num_pos[label], acc.false_pos[label], ap_version)

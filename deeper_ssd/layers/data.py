@@ -1,9 +1,12 @@
-"""Layers that produce the net's inputs: Input (fed by the caller) and AnnotatedData (LMDB)."""
+"""Layers that produce the net's inputs: Input (fed by the caller) and the data layers, which
+read their own source (:class:`DataLayer`, Caffe's BaseDataLayer; AnnotatedData reads an LMDB)."""
 from __future__ import annotations
 
 from ..proto import caffe_pb2
 from .base import Layer
 from .registry import register
+
+__all__ = ["Input", "DataLayer", "AnnotatedData"]
 
 
 @register
@@ -28,8 +31,57 @@ class Input(Layer):
                            f"({', '.join(self.lp.top)}) to Net.forward as keyword arguments")
 
 
+class DataLayer(Layer):
+    """Base of the layers that read batches from their own source (Caffe's BaseDataLayer):
+    no bottoms, tops the caller may feed instead. The solver and the test tool find them with
+    ``isinstance`` (:attr:`deeper_ssd.net.Net.data_layers`) and drive them through these knobs:
+
+    * :meth:`set_seed` — the augmentation seed and the batch index to continue from;
+    * :attr:`batches_served` — index of the next batch (what a snapshot records);
+    * :meth:`configure_loader` — worker processes, prefetch, pinned memory;
+    * :meth:`set_shard` — read only this rank's share (one process per GPU);
+    * :attr:`timing` — a :class:`deeper_ssd.data.loader.DataTiming` (seconds each forward
+      waited for its batch);
+    * :meth:`close` — stop worker processes (the next forward restarts where reading stopped).
+
+    A subclass implements :meth:`set_seed` and :attr:`batches_served` (without them a resumed
+    run could not continue exactly) and, when it decodes in worker processes or can be
+    sharded, the other knobs; the defaults read in the calling process and never wait.
+    """
+
+    num_bottoms = (0, 0)
+    is_source = True
+
+    def __init__(self, *args, **kwargs):
+        from ..data.loader import DataTiming
+        super().__init__(*args, **kwargs)
+        self.timing = DataTiming()
+
+    def set_seed(self, seed: int, start_batch: int = 0) -> None:
+        """Seed the augmentation and continue from batch ``start_batch`` (0 = the first record)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement set_seed")
+
+    @property
+    def batches_served(self) -> int:
+        """Index of the next batch this layer will return."""
+        raise NotImplementedError(f"{type(self).__name__} must implement batches_served")
+
+    def configure_loader(self, num_workers: int = None, prefetch: int = None,
+                         pin_memory: bool = None) -> None:
+        """Worker processes, batches prefetched per worker, pinned memory (default: ignored,
+        the layer reads in the calling process)."""
+
+    def set_shard(self, rank: int, world_size: int) -> None:
+        """Read every ``world_size``-th record starting at ``rank``; refused by default."""
+        if world_size != 1:
+            raise self.error(f"cannot be sharded over {world_size} processes")
+
+    def close(self) -> None:
+        """Stop worker processes (default: there are none)."""
+
+
 @register
-class AnnotatedData(Layer):
+class AnnotatedData(DataLayer):
     """The SSD fork's AnnotatedData layer: batches of an annotated LMDB (``data_param.source``,
     ``batch_size``, ``backend: LMDB``), augmented by ``transform_param`` and
     ``annotated_data_param.batch_sampler`` exactly as the fork's load_batch does
@@ -41,25 +93,17 @@ class AnnotatedData(Layer):
     coordinates, one row of -1 when the batch has no object. Both are CPU tensors.
 
     The database is opened at the first forward, never at construction (shape-only builds on
-    the ``meta`` device read nothing). Knobs a trainer uses:
-
-    * :meth:`set_seed` — the augmentation seed and the batch to continue from (default seed:
-      ``torch.initial_seed()`` when the first batch is read); batches depend only on these;
-    * :meth:`configure_loader` — worker processes (default 1) and batches prefetched per worker
-      (default 3, Caffe's PREFETCH_COUNT);
-    * :meth:`set_shard` — ``rank``/``world_size`` for one process per GPU (records dealt
-      round-robin as Caffe's DataReader does); defaults to torch.distributed's in TRAIN;
-    * :attr:`timing` — a :class:`deeper_ssd.data.loader.DataTiming` with the time each forward
-      waited for its batch (``last_wait_s``, ``total_wait_s``, hooks).
+    the ``meta`` device read nothing). The :class:`DataLayer` knobs: default seed
+    ``torch.initial_seed()`` when the first batch is read (batches depend only on the seed and
+    the start batch); 1 worker process, 3 batches prefetched per worker (Caffe's
+    PREFETCH_COUNT); records dealt round-robin over ranks as Caffe's DataReader does, by
+    default torch.distributed's rank and world size in TRAIN.
     """
 
     caffe_type = "AnnotatedData"
-    num_bottoms = (0, 0)
     num_tops = (1, 2)
-    is_source = True
 
     def setup(self, bottoms):
-        from ..data.loader import DataTiming
         from ..data.transforms import SSDTransformer, TransformError
         dp = self.lp.data_param
         if not dp.source:
@@ -80,7 +124,6 @@ class AnnotatedData(Layer):
             raise ValueError("resize_mode FIT_SMALL_SIZE gives every image its own size and needs "
                              f"batch_size 1, not {dp.batch_size}")
         self.image_shape = self.transformer.output_shape()
-        self.timing = DataTiming()
         self._seed = None
         self._start_batch = 0
         self._workers, self._prefetch, self._pin = 1, 3, False

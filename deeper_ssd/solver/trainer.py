@@ -48,6 +48,7 @@ import numpy as np
 import torch
 
 from .. import io
+from ..eval.loop import DetectionRows, run_test_net
 from ..layers import LayerError
 from ..net import Net
 from ..proto import caffe_pb2
@@ -264,8 +265,8 @@ class Solver:
                 net = self._make_net(net_param, caffe_pb2.TEST, state, self.seed + 1 + i)
                 net.share_weights_from(self.train_net)
                 self.test_nets.append(net)
-        self._data_layers = [l for l in self.train_net.layers if hasattr(l, "set_seed")]
-        self._test_data_layers = [[l for l in n.layers if hasattr(l, "set_seed")] for n in self.test_nets]
+        self._data_layers = self.train_net.data_layers
+        self._test_data_layers = [net.data_layers for net in self.test_nets]
         for layer in self._data_layers:
             layer.set_seed(self.seed)
             if comm is not None:
@@ -477,7 +478,7 @@ class Solver:
                     raise SolverError(f"train net '{self.train_net.name}' has no loss output to minimise")
                 outputs.loss.backward()
                 losses.append(outputs.loss.detach())
-                data_s += sum(l.timing.last_wait_s for l in self._data_layers if hasattr(l, "timing"))
+                data_s += sum(layer.timing.last_wait_s for layer in self._data_layers)
             loss_t = torch.stack(losses).sum() / p.iter_size
             if self.comm is not None:
                 self.comm.average_gradients(self.train_net.learnable_params)
@@ -538,7 +539,7 @@ class Solver:
 
     def _log_outputs(self, which: str, net: Net, outputs) -> None:
         index = 0
-        weights = _loss_weights(net)
+        weights = net.loss_weights
         for name, value in outputs.items():
             weight = weights.get(name, 0.0)
             for v in value.detach().reshape(-1).float().cpu().tolist():
@@ -600,42 +601,53 @@ class Solver:
             else:
                 self._test_classification(i)
 
-    def _test_batches(self, i: int):
-        """Forward test net ``i`` ``test_iter`` times (honouring signals); yields the outputs."""
-        net = self.test_nets[i]
-        self.log(f"Iteration {self.iter}, Testing net (#{i})")
-        with torch.no_grad():
-            for _ in range(self.param.test_iter[i]):
-                request = self.signals.requested() if self.signals is not None else None
-                while request is not None:
-                    if request == "snapshot":
-                        self.snapshot()
-                    else:
-                        self.requested_early_exit = True
-                    request = self.signals.requested()
-                if self.requested_early_exit:
-                    self.log("Test interrupted.")
-                    return
-                yield net()
-
-    def _test_detection(self, i: int) -> None:
-        from ..eval.ap import DetectionAccumulator
-        accumulators: Dict[str, DetectionAccumulator] = {}
+    def _run_test(self, i: int, consume) -> Optional[float]:
+        """Forward test net ``i`` ``test_iter`` times (:func:`deeper_ssd.eval.loop.run_test_net`,
+        honouring signals between batches), handing each batch's outputs to ``consume``.
+        Returns the summed loss (0 without ``test_compute_loss``), None when interrupted."""
         loss = 0.0
-        for outputs in self._test_batches(i):
+
+        def take(outputs) -> None:
+            nonlocal loss
             if self.param.test_compute_loss:
                 loss += self._loss_value(outputs)
-            for name, blob in outputs.items():
-                if blob.shape[-1] != 5:
-                    raise SolverError(f"test net #{i} output '{name}' has shape {tuple(blob.shape)}; "
-                                      "detection evaluation needs DetectionEvaluate rows of width 5")
-                accumulators.setdefault(name, DetectionAccumulator()).add(blob.cpu().numpy())
+            consume(outputs)
+
+        self.log(f"Iteration {self.iter}, Testing net (#{i})")
+        if not run_test_net(self.test_nets[i], self.param.test_iter[i], take, before_batch=self._may_test):
+            return None
+        return loss
+
+    def _may_test(self, _batch: int) -> bool:
+        """Act on pending signals before a test batch; False (and a log line) on a stop."""
+        request = self.signals.requested() if self.signals is not None else None
+        while request is not None:
+            if request == "snapshot":
+                self.snapshot()
+            else:
+                self.requested_early_exit = True
+            request = self.signals.requested()
         if self.requested_early_exit:
+            self.log("Test interrupted.")
+            return False
+        return True
+
+    def _test_detection(self, i: int) -> None:
+        rows = DetectionRows(strict=True)
+
+        def consume(outputs) -> None:
+            try:
+                rows.add(outputs)
+            except ValueError as err:
+                raise SolverError(f"test net #{i} {err}") from None
+
+        loss = self._run_test(i, consume)
+        if loss is None:
             return
         if self.param.test_compute_loss:
             self.log(f"Test loss: {_fmt(loss / self.param.test_iter[i])}")
         results = {}
-        for k, (name, acc) in enumerate(accumulators.items()):
+        for k, (name, acc) in enumerate(rows.accumulators.items()):
             result = acc.result(self.param.ap_version)
             for label in result.missing:
                 self.log(f"Missing true_pos for label: {label}")
@@ -647,22 +659,21 @@ class Solver:
         self.last_test[i] = results
 
     def _test_classification(self, i: int) -> None:
-        net = self.test_nets[i]
         sums: Dict[str, torch.Tensor] = {}
-        loss = 0.0
-        for outputs in self._test_batches(i):
-            if self.param.test_compute_loss:
-                loss += self._loss_value(outputs)
+
+        def consume(outputs) -> None:
             for name, blob in outputs.items():
                 value = blob.detach().reshape(-1).double().cpu()
                 sums[name] = sums[name] + value if name in sums else value
-        if self.requested_early_exit:
+
+        loss = self._run_test(i, consume)
+        if loss is None:
             return
         n = self.param.test_iter[i]
         if self.param.test_compute_loss:
             self.log(f"Test loss: {_fmt(loss / n)}")
         means = {name: total / n for name, total in sums.items()}
-        self._log_outputs("Test", net, means)
+        self._log_outputs("Test", self.test_nets[i], means)
         self.last_test[i] = {name: m.tolist() for name, m in means.items()}
 
     # -- snapshots -----------------------------------------------------------------------------
@@ -743,22 +754,9 @@ class Solver:
 
     def close(self) -> None:
         """Stop the data layers' worker processes."""
-        for net in [self.train_net] + self.test_nets:
-            for layer in net.layers:
-                if hasattr(layer, "close"):
-                    layer.close()
-
-
-def _loss_weights(net: Net) -> Dict[str, float]:
-    """Loss weight of every top (Caffe: ``loss_weight`` per top, else 1 for top 0 of a loss layer)."""
-    weights = {}
-    for layer in net.layers:
-        lp = layer.lp
-        for i, top in enumerate(lp.top):
-            weight = lp.loss_weight[i] if len(lp.loss_weight) else float(layer.is_loss and i == 0)
-            if weight:
-                weights[top] = weight
-    return weights
+        for layers in [self._data_layers] + self._test_data_layers:
+            for layer in layers:
+                layer.close()
 
 
 def _solver_device(param: caffe_pb2.SolverParameter) -> torch.device:
