@@ -364,3 +364,38 @@ def test_two_commands_from_visdrone_folders_to_lmdbs(visdrone, tmp_path, capsys)
     assert (out / "test_name_size.txt").read_text().splitlines()[0] == "0000001_00000_d_0000001 60 80"
     assert cli.main(["create-list", str(visdrone), str(out), "--layout", "coco", "--trainval", "--test", "x"]) == 2
     assert "is not IMAGES:JSON" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# zoo models on these data sets
+
+@pytest.mark.parametrize("name, label_map, classes, test_images, folder", [
+    ("ssd300_visdrone", "data/labelmap_visdrone.prototxt", 11, 548, "VisDrone"),
+    ("deeper_ssd500_visdrone", "data/labelmap_visdrone.prototxt", 11, 548, "VisDrone"),
+    ("deeper_ssd500_aitod", "data/labelmap_aitod.prototxt", 9, 14018, "AI-TOD"),
+])
+def test_zoo_models_read_what_create_list_and_create_data_write(name, label_map, classes, test_images, folder):
+    from deeper_ssd.builder import zoo
+    model = zoo.get(name)
+    nets = model.nets()
+    train = {layer.name: layer for layer in nets["train"].layer}
+    test = {layer.name: layer for layer in nets["test"].layer}
+    assert train["data"].annotated_data_param.label_map_file == label_map
+    assert len(io.read_labelmap(REPO / label_map).item) == classes
+    assert train["data"].data_param.source == f"examples/{folder}/{folder}_trainval_lmdb"
+    assert test["data"].data_param.source == f"examples/{folder}/{folder}_test_lmdb"
+    assert train["data"].data_param.batch_size == 8                       # the paper's batch
+    loss = train["mbox_loss"].multibox_loss_param
+    assert loss.num_classes == classes and not loss.use_difficult_gt      # ignored/crowd: not matched
+    evaluate = test["detection_eval"].detection_evaluate_param
+    assert not evaluate.evaluate_difficult_gt                             # ... nor counted
+    assert evaluate.name_size_file == f"data/{folder}/test_name_size.txt"  # create-list's file
+    solver = zoo.solver_for(model)
+    assert (list(solver.stepvalue), solver.max_iter, solver.base_lr) == ([60000, 90000, 120000], 150000, pytest.approx(0.001))
+    assert solver.test_iter[0] == -(-test_images // 8)
+    assert len(model.plan().layers) == (6 if name.startswith("ssd300") else 9)
+    committed = io.read_net(REPO / "prototxt" / f"{name}_srtod" / "train.prototxt")
+    types = {layer.type for layer in committed.layer}
+    assert {"DGFE", "DifferenceMap", "MSELoss"} <= types                  # --head srtod, committed
+    srtod_loss = [l for l in committed.layer if l.type == "MultiBoxLoss"][0].multibox_loss_param
+    assert srtod_loss.num_classes == classes and not srtod_loss.use_difficult_gt

@@ -28,6 +28,8 @@ PRIOR_COUNTS = {
     "deeper_ssd500_down1_eltwise": 31306, "deeper_ssd500_down2_eltwise": 28858,
     "deeper_ssd500_down12_eltwise": 32032, "deeper_ssd500_up123_concat_down12_eltwise": 63526,
     "deeper_ssd500_tiny": 28132,
+    "ssd300_visdrone": 8732, "deeper_ssd500_visdrone": 28132, "ssd300_aitod": 8732,
+    "deeper_ssd500_aitod": 28132,
 }
 
 #: fields that name dataset or output locations (parity is "dataset paths aside")

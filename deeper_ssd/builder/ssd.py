@@ -361,10 +361,12 @@ class Matching:
     """MultiBoxLoss matching and hard-negative mining (fork defaults). A prior is positive at
     IoU >= ``overlap_threshold`` with a ground-truth box (besides each box's best prior); only
     priors under ``neg_overlap`` with every box may be mined as negatives, ``neg_pos_ratio``
-    of them per positive."""
+    of them per positive. ``use_difficult_gt=False`` leaves ``difficult`` boxes out of the
+    ground truth (the fork's default keeps them as positives)."""
     overlap_threshold: float = 0.5
     neg_overlap: float = 0.5
     neg_pos_ratio: float = 3.0
+    use_difficult_gt: bool = True
 
 
 def _batch_samplers(t: TrainTransform) -> list:
@@ -547,7 +549,7 @@ class SSDModel:
                     loc_loss_type="SMOOTH_L1", conf_loss_type="SOFTMAX", loc_weight=1.0,
                     num_classes=data.num_classes, share_location=True, match_type="PER_PREDICTION",
                     overlap_threshold=self.matching.overlap_threshold, use_prior_for_matching=True,
-                    background_label_id=0, use_difficult_gt=True,
+                    background_label_id=0, use_difficult_gt=self.matching.use_difficult_gt,
                     neg_pos_ratio=self.matching.neg_pos_ratio, neg_overlap=self.matching.neg_overlap,
                     code_type="CENTER_SIZE",
                     ignore_cross_boundary_bbox=False, mining_type="MAX_NEGATIVE"))

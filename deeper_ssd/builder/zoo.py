@@ -1,11 +1,14 @@
 """The model zoo: stable model names → :class:`~deeper_ssd.builder.ssd.SSDModel` builders.
 
 * ``ssd300_voc0712``, ``ssd512_voc0712`` — the SSD fork's PASCAL VOC0712 nets (21 classes),
-  equal to shared/reference/ssd300_official and ssd512_reconstructed (dataset paths aside);
+  equal to the fork's own SSD300 prototxt and to SSD512 as its script writes it (dataset paths
+  aside; tests/test_zoo.py compares them with the reference files when those are present);
 * the paper's models on the drone label map (2 classes, data/labelmap_drone.prototxt) with the
   paper's solver: ``ssd300``, ``ssd500``, ``deeper_ssd500`` and every module configuration of
   Tables 5, 7 and 8 (``deeper_ssd500_up<modules>_<concat|eltwise>``,
   ``deeper_ssd500_down<modules>_<concat|eltwise>``, ``deeper_ssd500_up123_concat_down12_eltwise``);
+* ``ssd300_visdrone``, ``deeper_ssd500_visdrone``, ``ssd300_aitod``, ``deeper_ssd500_aitod`` — the
+  paper's SSD300 and Deeper SSD500 with its solver on VisDrone2019-DET and AI-TOD;
 * ``deeper_ssd500_tiny`` — a width-reduced Deeper SSD500 with BatchNorm, small priors and a
   short CPU solver for the bundled sample set; its settings are keyword parameters.
 
@@ -28,7 +31,7 @@ from .solver import PAPER_SOLVER, SSD_VOC0712_SOLVER, SolverSettings, build_solv
 from .ssd import (SSD300_EXTRAS, SSD512_EXTRAS, SSD_SOURCES, Dataset, Detection, Matching, SSDModel,
                   TrainTransform)
 
-__all__ = ["VOC0712", "DRONE", "DRONE_SAMPLE", "names", "get", "description", "write_model",
+__all__ = ["VOC0712", "DRONE", "DRONE_SAMPLE", "VISDRONE", "AITOD", "names", "get", "description", "write_model",
            "ModelSummary", "summarize", "PHASES"]
 
 PHASES = ("train", "test", "deploy")
@@ -120,9 +123,11 @@ _register("ssd512_voc0712", "SSD512 on PASCAL VOC0712 (reconstructed ssd_pascal_
 # the paper's models (drone label map, paper solver, NMS 0.5)
 
 def _paper_model(name: str, input_size: int = 500, extras=DEEPER_SSD500_EXTRAS,
-                 sources=DEEPER_SSD500_SOURCES, modules: Tuple = ()) -> SSDModel:
-    return SSDModel(name=name, net_name=name, input_size=input_size, dataset=DRONE, extras=extras,
-                    sources=sources, modules=modules, detection=PAPER_DETECTION, solver=PAPER_SOLVER)
+                 sources=DEEPER_SSD500_SOURCES, modules: Tuple = (), dataset: Dataset = DRONE,
+                 matching: Matching = Matching()) -> SSDModel:
+    return SSDModel(name=name, net_name=name, input_size=input_size, dataset=dataset, extras=extras,
+                    sources=sources, modules=modules, detection=PAPER_DETECTION, solver=PAPER_SOLVER,
+                    matching=matching)
 
 
 _register("ssd300", "SSD300 on the drone label map (paper Tables 3, 8)",
@@ -131,6 +136,38 @@ _register("ssd500", "SSD500: the SSD300 structure at 500x500 (paper Tables 3, 8)
           lambda: _paper_model("ssd500", 500, SSD300_EXTRAS, SSD_SOURCES))
 _register("deeper_ssd500", "Deeper SSD500, 9 prediction layers (paper Table 1)",
           lambda: _paper_model("deeper_ssd500"))
+
+
+# ---------------------------------------------------------------------------------------------
+# public drone / aerial data sets: the paper's models, schedule and batch on their label maps
+
+#: VisDrone2019-DET, 10 classes (data/labelmap_visdrone.prototxt), at the paths the README's
+#: recipe writes (`create-list --layout folders` into data/VisDrone, LMDBs in
+#: examples/VisDrone); tested on the val split, 548 images
+VISDRONE = Dataset(
+    "VisDrone", num_classes=11, label_map_file="data/labelmap_visdrone.prototxt",
+    train_source="examples/VisDrone/VisDrone_trainval_lmdb",
+    test_source="examples/VisDrone/VisDrone_test_lmdb",
+    num_test_image=548, name_size_file="data/VisDrone/test_name_size.txt")
+
+#: AI-TOD, 8 classes (data/labelmap_aitod.prototxt), `create-list --layout coco` into
+#: data/AI-TOD; tested on the test split, 14,018 images
+AITOD = Dataset(
+    "AI-TOD", num_classes=9, label_map_file="data/labelmap_aitod.prototxt",
+    train_source="examples/AI-TOD/AI-TOD_trainval_lmdb", test_source="examples/AI-TOD/AI-TOD_test_lmdb",
+    num_test_image=14018, name_size_file="data/AI-TOD/test_name_size.txt")
+
+#: VisDrone's score-0 boxes and COCO crowds are stored `difficult` (docs/decisions.md): they
+#: are left out of training's matching as they are out of evaluation
+WITHOUT_DIFFICULT = Matching(use_difficult_gt=False)
+
+for _data, _tag in ((VISDRONE, "visdrone"), (AITOD, "aitod")):
+    _register(f"ssd300_{_tag}", f"SSD300 on {_data.name} ({_data.num_classes - 1} classes), the paper's solver",
+              lambda d=_data, t=_tag: _paper_model(f"ssd300_{t}", 300, SSD300_EXTRAS, SSD_SOURCES,
+                                                   dataset=d, matching=WITHOUT_DIFFICULT))
+    _register(f"deeper_ssd500_{_tag}", f"Deeper SSD500 on {_data.name} ({_data.num_classes - 1} classes), "
+              "the paper's solver",
+              lambda d=_data, t=_tag: _paper_model(f"deeper_ssd500_{t}", dataset=d, matching=WITHOUT_DIFFICULT))
 
 
 def _module_name(kind: str, indices: Sequence[int], join: str) -> str:
