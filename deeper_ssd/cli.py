@@ -879,6 +879,24 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _upgrade_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input", help="old net prototxt or .caffemodel (V0/V1 layers, net-level inputs, ...)")
+    p.add_argument("output", help="the upgraded file, text or binary as the input is")
+
+
+@command("upgrade", "rewrite an old Caffe net or model file in the current format (Caffe's "
+         "upgrade_net_proto_text / _binary)", _upgrade_arguments)
+def cmd_upgrade(args) -> int:
+    from . import upgrade
+    binary, done = upgrade.upgrade_file(args.input, args.output)
+    kind = "binary" if binary else "text"
+    if done:
+        print(f"wrote {args.output} ({kind}): upgraded {', '.join(done)}")
+    else:
+        print(f"{args.input} is already in the current format; wrote it unchanged to {args.output} ({kind})")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:

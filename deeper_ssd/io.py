@@ -46,7 +46,6 @@ class PrototxtError(CaffeFormatError):
 
 
 _TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|[-+]?[\w.]+|\S')
-_V1_LAYERS = re.compile(r"^\s*layers\s*\{", re.MULTILINE)
 
 
 def _locate(text: str, line: int, column: int, reason: str):
@@ -65,12 +64,6 @@ def _locate(text: str, line: int, column: int, reason: str):
     return line, column, match.group(0)
 
 
-def _refuse_v1(source: str) -> CaffeFormatError:
-    return CaffeFormatError(
-        f"{source}: legacy V1 net format ('layers {{ ... }}' with enum layer types) is not supported; "
-        "upgrade it with Caffe's upgrade_net_proto_text tool, which writes 'layer { type: \"...\" }' entries")
-
-
 def parse_text(text: str, message: _pb_message.Message, source: str = "<string>"):
     """Parse prototxt ``text`` into ``message`` (modified in place and returned).
 
@@ -79,8 +72,6 @@ def parse_text(text: str, message: _pb_message.Message, source: str = "<string>"
     try:
         text_format.Parse(text, message)
     except text_format.ParseError as err:
-        if isinstance(message, caffe_pb2.NetParameter) and _V1_LAYERS.search(text):
-            raise _refuse_v1(source) from None
         reason = str(err)
         reason = re.sub(r"^\d+:\d+ : ", "", reason)          # location is re-added below
         reason = re.sub(r"^'.*?': ", "", reason, count=1)    # protobuf sometimes echoes the line
@@ -88,8 +79,6 @@ def parse_text(text: str, message: _pb_message.Message, source: str = "<string>"
         if not token and reason.startswith("Expected"):
             reason = reason.rstrip(".") + " before the end of the file"
         raise PrototxtError(source, line, column, token, reason.rstrip(".")) from None
-    if isinstance(message, caffe_pb2.NetParameter) and len(message.layers):
-        raise _refuse_v1(source)
     return message
 
 
@@ -128,9 +117,11 @@ def write_text(message, path: PathLike) -> None:
 
 
 def read_net(path: PathLike) -> caffe_pb2.NetParameter:
-    """Parse a net prototxt (train/test/deploy) exactly as written (see :func:`upgrade_net`);
-    a file with neither layers nor net-level inputs (empty, or not a net) is refused."""
-    net = read_text(path, caffe_pb2.NetParameter)
+    """Parse a net prototxt (train/test/deploy); old formats (V0/V1 layers, data-layer
+    transformation fields, frozen BatchNorm params) are upgraded as Caffe does on load, with one
+    log line (deeper_ssd/upgrade.py); net-level inputs stay as written (see :func:`upgrade_net`).
+    A file with neither layers nor net-level inputs (empty, or not a net) is refused."""
+    net = _upgraded(read_text(path, caffe_pb2.NetParameter), path)
     if not len(net.layer) and not len(net.input):
         raise CaffeFormatError(f"{path}: the net has no layers (an empty file, or not a net prototxt?)")
     return net
@@ -217,10 +208,15 @@ def write_binary(message, path: PathLike) -> None:
 
 
 def read_caffemodel(path: PathLike) -> caffe_pb2.NetParameter:
-    """Read a .caffemodel (binary NetParameter with layer blobs)."""
-    net = read_binary(path, caffe_pb2.NetParameter)
-    if len(net.layers):
-        raise _refuse_v1(str(path))
+    """Read a .caffemodel (binary NetParameter with layer blobs), old formats upgraded as by
+    :func:`read_net` (a V1 model's blobs then sit in ``layer`` like a current one's)."""
+    return _upgraded(read_binary(path, caffe_pb2.NetParameter), path)
+
+
+def _upgraded(net: caffe_pb2.NetParameter, path: PathLike) -> caffe_pb2.NetParameter:
+    from . import upgrade          # upgrade.py builds on this module
+    net, done = upgrade.upgrade_net(net, str(path), inputs=False)
+    upgrade.log_upgrades(str(path), done)
     return net
 
 
@@ -281,32 +277,8 @@ def _to_numpy(value):
 # upgrades Caffe applies when it loads a net
 
 def upgrade_net(net: caffe_pb2.NetParameter) -> caffe_pb2.NetParameter:
-    """Return a copy with Caffe's load-time upgrades applied.
-
-    Net-level ``input``/``input_shape``/``input_dim`` become one ``Input`` layer named
-    ``input`` placed first (as Caffe's UpgradeNetInput does). Nets without them come back equal.
-    """
-    out = caffe_pb2.NetParameter()
-    out.CopyFrom(net)
-    if not len(net.input):
-        return out
-    if len(net.input_dim) and len(net.input_dim) != 4 * len(net.input):
-        raise CaffeFormatError(f"net {net.name!r}: input_dim needs 4 values per input "
-                               f"({len(net.input)} inputs, {len(net.input_dim)} values)")
-    if len(net.input_shape) and len(net.input_shape) not in (1, len(net.input)):
-        raise CaffeFormatError(f"net {net.name!r}: {len(net.input_shape)} input_shape entries "
-                               f"for {len(net.input)} inputs")
-    layer = caffe_pb2.LayerParameter(name="input", type="Input")
-    for i, name in enumerate(net.input):
-        layer.top.append(name)
-        shape = layer.input_param.shape.add()
-        if len(net.input_shape):
-            shape.CopyFrom(net.input_shape[min(i, len(net.input_shape) - 1)])
-        elif len(net.input_dim):
-            shape.dim.extend(net.input_dim[4 * i: 4 * i + 4])
-    del out.layer[:]
-    out.layer.append(layer)
-    out.layer.extend(net.layer)
-    for field in ("input", "input_shape", "input_dim"):
-        out.ClearField(field)
-    return out
+    """Return a copy with all of Caffe's load-time upgrades applied (deeper_ssd/upgrade.py),
+    net-level ``input``/``input_shape``/``input_dim`` included: they become one ``Input`` layer
+    named ``input`` placed first (as Caffe's UpgradeNetInput does). Current nets come back equal."""
+    from . import upgrade
+    return upgrade.upgrade_net(net, f"net {net.name!r}")[0]

@@ -52,17 +52,6 @@ def test_parse_errors_name_line_column_and_token(text, line, column, token, reas
     assert str(err).startswith(f"net.prototxt:{line}:{column}: ")
 
 
-def test_v1_layers_are_refused_in_text_and_binary(tmp_path):
-    with pytest.raises(io.CaffeFormatError, match="legacy V1"):
-        io.parse_text('name: "old"\nlayers { name: "conv1" type: CONVOLUTION }\n', caffe_pb2.NetParameter())
-    # a binary V1 caffemodel: NetParameter field 2 (layers) with some content
-    raw = caffe_pb2.NetParameter(name="old", layers=[caffe_pb2.V1LayerParameter(name="c1")]).SerializeToString()
-    path = tmp_path / "old.caffemodel"
-    path.write_bytes(raw)
-    with pytest.raises(io.CaffeFormatError, match="legacy V1"):
-        io.read_caffemodel(path)
-
-
 def test_text_file_given_as_binary_is_a_clear_error(tmp_path):
     path = tmp_path / "w.caffemodel"
     path.write_text('name: "not binary"\nlayer { name: "x" }\n')
