@@ -14,7 +14,7 @@ independent NMS problems, ``M`` candidates per problem.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -309,16 +309,50 @@ def match(iou: torch.Tensor, gt_valid: Optional[torch.Tensor], ignored: Optional
 # ---------------------------------------------------------------------------------------------
 # ranking, selection and NMS
 
-def top_candidates(scores: torch.Tensor, candidates: torch.Tensor, count: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def top_candidates(scores: torch.Tensor, candidates: Union[torch.Tensor, float],
+                   count: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """The ``count`` best candidates of every row of ``scores [..., K]`` (float32 comparison),
     ordered by score descending and, on equal scores, by position ascending (a stable sort).
+    ``candidates``: a ``[..., K]`` bool mask, or a number: the scores strictly above it.
 
     Returns ``positions [..., count]`` and ``valid [..., count]`` (False past a row's last
-    candidate). A top-k over exact int64 keys: cheaper than sorting whole rows."""
+    candidate). A float top-k of ``count + 1`` picks them; exact int64 keys (score, position)
+    then order the ``count`` picked. Only when the last pick ties with the first one left out
+    (which of equal scores a top-k takes is unspecified) are keys built for the whole rows.
+    One host sync (two with a threshold)."""
     k = scores.shape[-1]
     count = min(count, k)
-    keys = _sortable_key(scores, torch.arange(k, device=scores.device))
-    keys = keys.masked_fill_(~candidates, _NO_KEY).topk(count, dim=-1).values
+    inf = float("inf")
+    if isinstance(candidates, torch.Tensor):
+        masked = torch.where(candidates, scores.float(), -inf)
+        if (candidates & ~masked.isfinite()).any():         # a top-k cannot tell these apart
+            return _positions(_top_keys(masked, candidates, count))
+        values, positions = masked.topk(min(count + 1, k), dim=-1)
+    else:                               # no masked copy: the candidates are the top of each row
+        masked = scores.float()
+        values, positions = masked.topk(min(count + 1, k), dim=-1)
+        if values.isnan().any():                                  # a top-k ranks NaN first
+            return top_candidates(scores, masked > candidates, count)
+        values = values.masked_fill(~(values > candidates), -inf)
+    if 0 < count < k:
+        cut = values[..., count - 1]
+        if ((values[..., count] == cut) & (cut > -inf)).any():
+            if not isinstance(candidates, torch.Tensor):
+                candidates = masked > candidates
+            return _positions(_top_keys(masked, candidates, count))
+    values, positions = values[..., :count], positions[..., :count]
+    keys = _sortable_key(values, positions).masked_fill_(values == -inf, _NO_KEY)
+    return _positions(keys.sort(dim=-1, descending=True).values)
+
+
+def _top_keys(scores: torch.Tensor, candidates: torch.Tensor, count: int) -> torch.Tensor:
+    """The ``count`` largest :func:`_sortable_key` keys of each row (``_NO_KEY``: no candidate)."""
+    keys = _sortable_key(scores, torch.arange(scores.shape[-1], device=scores.device))
+    return keys.masked_fill_(~candidates, _NO_KEY).topk(count, dim=-1).values
+
+
+def _positions(keys: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(positions, valid)`` of sorted :func:`_sortable_key` keys (``_NO_KEY``: no candidate)."""
     valid = keys != _NO_KEY
     return torch.where(valid, _key_index(keys), torch.zeros_like(keys)), valid
 
@@ -343,27 +377,77 @@ def positions_mask(positions: torch.Tensor, valid: torch.Tensor, size: int) -> t
     return mask.scatter_(1, slot, True)[:, :size]
 
 
-def greedy_nms(boxes: torch.Tensor, valid: torch.Tensor, threshold: float, eta: float = 1.0) -> torch.Tensor:
+def _adaptive_thresholds(threshold: float, eta: float, count: int, dtype, device) -> torch.Tensor:
+    """``[count + 1]``: the NMS threshold after 0, 1, ... ``count`` kept boxes (times ``eta`` after
+    each kept box while above 0.5), in ``dtype`` arithmetic as Caffe's float."""
+    thr = torch.tensor(float(threshold), dtype=dtype)
+    table = [thr]
+    for _ in range(count):
+        if thr > 0.5:
+            thr = thr * eta
+        table.append(thr)
+    return torch.stack(table).to(device)
+
+
+def greedy_nms(boxes: torch.Tensor, valid: torch.Tensor, threshold: float, eta: float = 1.0,
+               done: Optional[Callable[[torch.Tensor, int], bool]] = None, block: int = 64) -> torch.Tensor:
     """Caffe's greedy NMS (ApplyNMSFast / ApplyNMS) on ``B`` problems at once.
 
     ``boxes [B, M, 4]`` are the candidates of each problem already in descending score order,
     ``valid [B, M]`` marks real candidates. A candidate is kept when its IoU with every box kept
-    before it is ``<= `` the current threshold; after each kept box the threshold of that problem
+    before it is ``<=`` the current threshold; after each kept box the threshold of that problem
     is multiplied by ``eta`` while it is above 0.5 (adaptive NMS, ``eta < 1``).
-    Returns ``keep [B, M]`` bool. The candidates are walked in order (M steps, each vectorised
-    over the B problems and the candidates before it).
+    Returns ``keep [B, M]`` bool.
+
+    The candidates are decided ``block`` at a time, all problems together: first the largest IoU
+    of each with the boxes kept in earlier blocks (gathered into a compact list), then the
+    block's own greedy order by fixed-point iteration of "kept iff the largest IoU with the
+    kept candidates before it is <= the threshold for the number kept before it": decisions are
+    final up to the first candidate that changed, so it ends in at most ``block`` rounds (two
+    or three in practice). ``done(keep, decided)``, called after each block with the number of
+    candidates decided so far, may end the walk early: the rest are returned as not kept.
     """
     b, m, _ = boxes.shape
-    keep = torch.zeros(b, m, dtype=torch.bool, device=boxes.device)
-    thr = torch.full((b,), float(threshold), dtype=boxes.dtype, device=boxes.device)
+    device = boxes.device
+    keep = torch.zeros(b, m, dtype=torch.bool, device=device)
+    table = _adaptive_thresholds(threshold, eta, m, boxes.dtype, device) if eta < 1 else None
     areas = box_area(boxes)
-    corners = _corners(boxes)                                   # [B, M] each; slices are views
-    for i in range(m):
-        iou = _iou(tuple(c[:, i:i + 1] for c in corners), tuple(c[:, :i] for c in corners),
-                   areas[:, i:i + 1], areas[:, :i], pixel=False)
-        suppressed = (keep[:, :i] & (iou > thr.unsqueeze(-1))).any(-1)
-        kept = valid[:, i] & ~suppressed
-        keep[:, i] = kept
-        if eta < 1:
-            thr = torch.where(kept & (thr > 0.5), thr * eta, thr)
+    corners = _corners(boxes)
+    kept = boxes.new_zeros(5, b, m)                      # corners and area of the kept boxes, compacted
+    count = torch.zeros(b, dtype=torch.long, device=device)
+    lower = torch.ones(block, block, dtype=torch.bool, device=device).tril_(-1)
+    for start in range(0, m, block):
+        end = min(start + block, m)
+        t = end - start
+        mine = tuple(c[:, start:end].unsqueeze(-1) for c in corners)               # [B, T, 1]
+        area = areas[:, start:end]
+        most = int(count.max())                                                     # host sync
+        if most:
+            earlier = _iou(mine, tuple(c[:, None, :most] for c in kept[:4]), area.unsqueeze(-1),
+                           kept[4, :, None, :most], pixel=False)
+            past = torch.arange(most, device=device) >= count.unsqueeze(-1)
+            earlier = earlier.masked_fill_(past.unsqueeze(1), 0.0).amax(-1)        # [B, T]
+        else:
+            earlier = area.new_zeros(b, t)
+        inner = _iou(mine, tuple(c[:, None, start:end] for c in corners), area.unsqueeze(-1),
+                     area.unsqueeze(1), pixel=False).masked_fill_(~lower[:t, :t], 0.0)  # [B, T, T]
+        real = valid[:, start:end]
+        thr = threshold if table is None else table[count].unsqueeze(-1)
+        chosen = real & (earlier <= thr)
+        while True:
+            if table is not None:
+                thr = table[count.unsqueeze(-1) + chosen.cumsum(-1) - chosen.long()]
+            worst = torch.maximum(earlier, inner.masked_fill(~chosen.unsqueeze(1), 0.0).amax(-1))
+            again = real & (worst <= thr)
+            if torch.equal(again, chosen):                                          # host sync
+                break
+            chosen = again
+        keep[:, start:end] = chosen
+        image, pos = chosen.nonzero(as_tuple=True)
+        slot = count[image] + chosen.cumsum(-1)[image, pos] - 1
+        kept[:, image, slot] = torch.stack(tuple(c[:, start:end][image, pos] for c in corners)
+                                           + (area[image, pos],))
+        count += chosen.sum(-1)
+        if done is not None and end < m and done(keep, end):
+            break
     return keep

@@ -69,40 +69,45 @@ class DetectionOutput(Layer):
         at most ``keep_top_k`` per image across classes by score (ties: lower class, then NMS
         order; Caffe's unstable std::sort leaves that open). Rows are ordered by image, class,
         then NMS order; boxes are decoded in float32 and not clipped. With no detection in the
-        whole batch, one ``[i, -1, -1, -1, -1, -1, -1]`` row per image. Two host syncs: the
-        candidate count and the number of rows.
+        whole batch, one ``[i, -1, -1, -1, -1, -1, -1]`` row per image. Host syncs: the
+        candidate count, one or two per NMS block (:func:`box.greedy_nms`, which stops once
+        ``keep_top_k`` is settled), the top-k tie checks and the number of rows.
         """
         detections = self._detect(loc, conf, prior)
         if self.saver is not None:
             self.saver.add(detections, loc.shape[0])
         return detections
 
+    #: candidates per class taken first when keep_top_k can end NMS early (then all top_k if needed)
+    FIRST_FETCH = 64
+
     def _detect(self, loc, conf, prior):
         n, k, c, nl = loc.shape[0], self.num_priors, self.num_classes, self.loc_classes
         device = conf.device
+        classes = torch.tensor([x for x in range(c) if x != self.background_label_id],
+                               dtype=torch.long, device=device)
+        if not len(classes):
+            return self._no_detection(n, conf.dtype, device)
         priors = prior[0, 0].detach().float().view(k, 4).to(device)
         variances = prior[0, 1].detach().float().view(k, 4).to(device)
         boxes = box.decode(priors.unsqueeze(1), variances.unsqueeze(1),
                            loc.detach().float().view(n, k, nl, 4).to(device),
                            self.code_type, self.variance_encoded_in_target)          # [N, K, L, 4]
-        classes = torch.tensor([x for x in range(c) if x != self.background_label_id],
-                               dtype=torch.long, device=device)
-        scores = conf.detach().float().view(n, k, c).transpose(1, 2)[:, classes]      # [N, C', K]
-        candidate = scores > self.confidence_threshold
+        scores = conf.detach().float().view(n, k, c).transpose(1, 2)                  # [N, C, K] view
         limit = k if self.top_k < 0 else min(self.top_k, k)
-        m = min(limit, int(candidate.sum(-1).max())) if len(classes) else 0         # host sync
-        if m == 0:
+        fetch = limit if self.keep_top_k < 0 else min(limit, self.FIRST_FETCH)
+        found = self._nms(boxes, scores, classes, fetch, limit)
+        if found is None:                           # keep_top_k not settled by the first fetch
+            found = self._nms(boxes, scores, classes, limit, limit)
+        if not found:
             return self._no_detection(n, conf.dtype, device)
-        order, valid = box.top_candidates(scores, candidate, m)                     # [N, C', M]
-        cand_score = scores.gather(-1, order)
-        nc = len(classes)
-        image = torch.arange(n, device=device).view(n, 1, 1)
-        loc_class = (torch.zeros_like(classes) if self.share_location else classes).view(1, nc, 1)
-        cand_boxes = boxes[image, order, loc_class]                                  # [N, C', M, 4]
-        keep = box.greedy_nms(cand_boxes.view(n * nc, m, 4), valid.view(n * nc, m),
-                              self.nms_threshold, self.eta).view(n, nc, m)
+        keep, cand_score, cand_boxes = found
+        nc, m = keep.shape[1:]
         if self.keep_top_k > -1:
-            best, chosen = box.top_candidates(cand_score.view(n, nc * m), keep.view(n, nc * m),
+            kept_at = keep.view(-1, m).any(0).nonzero()
+            m = int(kept_at[-1]) + 1 if len(kept_at) else 1               # host sync; NMS may end early
+            keep, cand_score, cand_boxes = keep[..., :m], cand_score[..., :m], cand_boxes[:, :, :m]
+            best, chosen = box.top_candidates(cand_score.reshape(n, nc * m), keep.reshape(n, nc * m),
                                               self.keep_top_k)
             keep = box.positions_mask(best, chosen, nc * m).view(n, nc, m)
         image, cls, pos = keep.nonzero(as_tuple=True)                               # host sync
@@ -111,6 +116,49 @@ class DetectionOutput(Layer):
         rows = torch.cat([torch.stack([image.float(), classes[cls].float(), cand_score[image, cls, pos]], 1),
                           cand_boxes[image, cls, pos]], dim=1)
         return rows.to(conf.dtype).view(1, 1, -1, 7)
+
+    def _nms(self, boxes, scores, classes, fetch: int, limit: int):
+        """NMS on each class's ``fetch`` best candidates (of the ``limit`` = top_k allowed):
+        ``(keep, scores, boxes)`` ``[N, C', M(, 4)]`` in score order, ``()`` without candidates,
+        or None when ``fetch < limit`` was too few to settle ``keep_top_k``. ``boxes``
+        ``[N, K, L, 4]`` decoded, ``scores [N, C, K]``, ``classes [C']`` the non-background ones."""
+        n, nc = scores.shape[0], len(classes)
+        more = int(fetch < limit)                       # one more candidate bounds those not taken
+        order, valid = box.top_candidates(scores, self.confidence_threshold, fetch + more)
+        cand_score = scores.gather(-1, order)[:, classes]
+        order, valid = order[:, classes], valid[:, classes]                          # [N, C', F]
+        m = int(valid.sum(-1).max())                                                # host sync
+        if m == 0:
+            return ()
+        order, valid, cand_score = order[..., :m], valid[..., :m], cand_score[..., :m]
+        image = torch.arange(n, device=scores.device).view(n, 1, 1)
+        loc_class = (torch.zeros_like(classes) if self.share_location else classes).view(1, nc, 1)
+        cand_boxes = boxes[image, order, loc_class]                                  # [N, C', M, 4]
+        enough = self._enough(cand_score, valid)
+        more = more and m > fetch
+        m = min(m, fetch)
+        keep = box.greedy_nms(cand_boxes[:, :, :m].reshape(n * nc, m, 4), valid[..., :m].reshape(n * nc, m),
+                              self.nms_threshold, self.eta, done=enough).view(n, nc, m)
+        if more and not enough(keep, m):
+            return None
+        return keep, cand_score[..., :m], cand_boxes[:, :, :m]
+
+    def _enough(self, cand_score: torch.Tensor, valid: torch.Tensor):
+        """The early end of NMS for ``keep_top_k`` (None without it): once every image has
+        ``keep_top_k`` kept boxes scoring strictly above all its undecided candidates, those
+        can no longer be among its ``keep_top_k`` best. ``cand_score``/``valid`` ``[N, C', F]``
+        (sorted per class); ``done(keep, decided)`` takes ``keep`` with ``decided <= F - 1``
+        candidates per class decided (shape ``[N * C', M]`` or ``[N, C', M]``)."""
+        if self.keep_top_k < 0:
+            return None
+        n, nc = cand_score.shape[:2]
+        rest = cand_score.masked_fill(~valid, -float("inf"))
+
+        def done(keep: torch.Tensor, decided: int) -> bool:
+            best_left = rest[:, :, decided].amax(-1).view(n, 1, 1)
+            above = keep.view(n, nc, -1)[:, :, :decided] & (cand_score[:, :, :decided] > best_left)
+            return bool((above.sum((1, 2)) >= self.keep_top_k).all())             # host sync
+        return done
 
     @staticmethod
     def _no_detection(n, dtype, device):
