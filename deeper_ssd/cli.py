@@ -286,7 +286,8 @@ def cmd_create_list(args) -> int:
 
 
 def _convert_vgg_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("source", help="torchvision VGG16 state dict (.pth, e.g. vgg16-397923af.pth)")
+    p.add_argument("source", help="torchvision VGG16 state dict (.pth, e.g. vgg16-397923af.pth) or "
+                   "Caffe's original VGG_ILSVRC_16_layers.caffemodel (V1 file)")
     p.add_argument("out", help="the .caffemodel to write (VGG_ILSVRC_16_layers_fc_reduced layout)")
     p.add_argument("--mean", default="104,117,123",
                    help="BGR mean the data layers subtract (transform_param mean_value; default SSD's)")

@@ -1,4 +1,4 @@
-"""ImageNet VGG16 weights in torchvision's layout → the SSD fork's base model
+"""ImageNet VGG16 weights (torchvision's layout, or Caffe's original VGG16) → the SSD fork's base model
 ``VGG_ILSVRC_16_layers_fc_reduced`` (conv1_1 … conv5_3, fc6 1024×512×3×3 with dilation 6, fc7
 1024×1024×1×1), for ``train --weights`` without a Caffe model-zoo file.
 
@@ -39,7 +39,7 @@ from .proto import caffe_pb2
 PathLike = Union[str, os.PathLike]
 
 __all__ = ["VGGConversionError", "TORCHVISION_MEAN", "TORCHVISION_STD", "CAFFE_MEAN_BGR",
-           "VGG16_CONVS", "convert_state_dict", "base_net", "convert_file"]
+           "VGG16_CONVS", "convert_state_dict", "convert_caffe_vgg16", "base_net", "convert_file"]
 
 TORCHVISION_MEAN = (0.485, 0.456, 0.406)     # RGB, of [0, 1] pixels
 TORCHVISION_STD = (0.229, 0.224, 0.225)
@@ -66,31 +66,73 @@ def _take(state: Dict[str, np.ndarray], key: str, shape: Sequence[int]) -> np.nd
     return value
 
 
+def _reduce_fc(fc6: np.ndarray, fc6_bias: np.ndarray, fc7: np.ndarray, fc7_bias: np.ndarray
+               ) -> Dict[str, List[np.ndarray]]:
+    """fc6 (4096 x 25088, inputs C x H x W) and fc7 (4096 x 4096) decimated to the reduced
+    layers (module docstring)."""
+    # fc6 input k = c*49 + y*7 + x: the columns of taps y, x in (0, 3, 6)
+    taps = np.arange(0, 7, 3)
+    columns = (np.arange(512)[:, None, None] * 49 + taps[None, :, None] * 7 + taps[None, None, :]).reshape(-1)
+    return {"fc6": [fc6[::4][:, columns].reshape(1024, 512, 3, 3), fc6_bias[::4]],
+            "fc7": [fc7[::4, ::4].reshape(1024, 1024, 1, 1), fc7_bias[::4]]}
+
+
+def _float32(blobs: Dict[str, List[np.ndarray]]) -> Dict[str, List[np.ndarray]]:
+    return {name: [np.ascontiguousarray(b, dtype=np.float32) for b in arrays] for name, arrays in blobs.items()}
+
+
+def _conv_shapes():
+    """(Caffe name, torchvision index, weight shape) of the 13 convolutions."""
+    channels_in = 3
+    for name, index in VGG16_CONVS:
+        channels_out = {"1": 64, "2": 128, "3": 256}.get(name[4], 512)
+        yield name, index, (channels_out, channels_in, 3, 3)
+        channels_in = channels_out
+
+
 def convert_state_dict(state: Dict[str, np.ndarray], caffe_mean: Sequence[float] = CAFFE_MEAN_BGR
                        ) -> Dict[str, List[np.ndarray]]:
     """``{caffe layer: [weight, bias]}`` (float32) from torchvision VGG16 arrays; see the module
     docstring for conv1_1's folding and the fc6/fc7 decimation."""
     out: Dict[str, List[np.ndarray]] = {}
-    channels_in = 3
-    for name, index in VGG16_CONVS:
-        channels_out = {"1": 64, "2": 128, "3": 256}.get(name[4], 512)
-        weight = _take(state, f"features.{index}.weight", (channels_out, channels_in, 3, 3)).astype(np.float64)
-        bias = _take(state, f"features.{index}.bias", (channels_out,)).astype(np.float64)
+    for name, index, shape in _conv_shapes():
+        weight = _take(state, f"features.{index}.weight", shape).astype(np.float64)
+        bias = _take(state, f"features.{index}.bias", shape[:1]).astype(np.float64)
         if name == "conv1_1":
             std = 255.0 * np.asarray(TORCHVISION_STD)                          # RGB
             offset = (np.asarray(caffe_mean[::-1]) - 255.0 * np.asarray(TORCHVISION_MEAN)) / std
             bias = bias + np.einsum("ochw,c->o", weight, offset)
             weight = (weight / std[None, :, None, None])[:, ::-1]              # RGB -> BGR
         out[name] = [weight, bias]
-        channels_in = channels_out
-    # fc6 input k = c*49 + y*7 + x (C x H x W flattening): columns of taps y, x in (0, 3, 6)
-    taps = np.arange(0, 7, 3)
-    columns = (np.arange(512)[:, None, None] * 49 + taps[None, :, None] * 7 + taps[None, None, :]).reshape(-1)
-    fc6 = _take(state, "classifier.0.weight", (4096, 512 * 7 * 7))[::4][:, columns]
-    out["fc6"] = [fc6.reshape(1024, 512, 3, 3), _take(state, "classifier.0.bias", (4096,))[::4]]
-    fc7 = _take(state, "classifier.3.weight", (4096, 4096))[::4, ::4]
-    out["fc7"] = [fc7.reshape(1024, 1024, 1, 1), _take(state, "classifier.3.bias", (4096,))[::4]]
-    return {name: [np.ascontiguousarray(b, dtype=np.float32) for b in blobs] for name, blobs in out.items()}
+    out.update(_reduce_fc(_take(state, "classifier.0.weight", (4096, 512 * 7 * 7)),
+                          _take(state, "classifier.0.bias", (4096,)),
+                          _take(state, "classifier.3.weight", (4096, 4096)),
+                          _take(state, "classifier.3.bias", (4096,))))
+    return _float32(out)
+
+
+def convert_caffe_vgg16(layers: Dict[str, List[np.ndarray]]) -> Dict[str, List[np.ndarray]]:
+    """The same reduction from the original Caffe VGG16 (``VGG_ILSVRC_16_layers.caffemodel``,
+    a V1 file; ``{layer: [weight, bias]}`` as read): it already takes BGR 0-255 input minus
+    its mean (103.939, 116.779, 123.68), which the fork fed as (104, 117, 123) unchanged, so the
+    convolutions are copied as they are and only fc6/fc7 are decimated. Legacy 4-D blob
+    shapes (1 x 1 x rows x cols) are accepted."""
+    def blob(name: str, i: int, shape) -> np.ndarray:
+        arrays = layers.get(name)
+        if arrays is None or len(arrays) != 2:
+            raise VGGConversionError(f"no layer {name!r} with weight and bias (expected Caffe's VGG16: "
+                                     "conv1_1 ... conv5_3, fc6, fc7)")
+        value = arrays[i]
+        stripped = value.shape[next((k for k, d in enumerate(value.shape) if d != 1), len(value.shape)):]
+        if stripped != tuple(shape):               # legacy blobs pad the shape with leading 1s
+            raise VGGConversionError(f"layer {name!r} blob {i} has shape {tuple(value.shape)}, VGG16 needs "
+                                     f"{tuple(shape)}")
+        return value.reshape(shape)
+
+    out = {name: [blob(name, 0, shape), blob(name, 1, shape[:1])] for name, _, shape in _conv_shapes()}
+    out.update(_reduce_fc(blob("fc6", 0, (4096, 25088)), blob("fc6", 1, (4096,)),
+                          blob("fc7", 0, (4096, 4096)), blob("fc7", 1, (4096,))))
+    return _float32(out)
 
 
 def base_net(input_size: int = 300) -> caffe_pb2.NetParameter:
@@ -123,9 +165,18 @@ def _load_state_dict(path: PathLike) -> Dict[str, np.ndarray]:
 
 def convert_file(source: PathLike, out: PathLike, caffe_mean: Sequence[float] = CAFFE_MEAN_BGR
                  ) -> List[str]:
-    """Convert the torchvision VGG16 file ``source`` (``vgg16-397923af.pth``) into the
-    caffemodel ``out``; returns the layer names written."""
-    blobs = convert_state_dict(_load_state_dict(source), caffe_mean)
+    """Convert ``source`` into the caffemodel ``out``: torchvision's VGG16 state dict
+    (``vgg16-397923af.pth``), or with a ``.caffemodel`` suffix Caffe's VGG16 (``caffe_mean``
+    then unused). Returns the layer names written."""
+    if str(source).endswith(".caffemodel"):
+        try:
+            model = io.read_caffemodel(source)
+        except (OSError, io.CaffeFormatError) as err:
+            raise VGGConversionError(f"{source}: {getattr(err, 'strerror', None) or err}") from None
+        blobs = convert_caffe_vgg16({layer.name: [io.blob_to_array(b) for b in layer.blobs]
+                                     for layer in model.layer if len(layer.blobs)})
+    else:
+        blobs = convert_state_dict(_load_state_dict(source), caffe_mean)
     net = base_net()
     for layer in net.layer:
         if layer.name in blobs:

@@ -152,3 +152,39 @@ def test_mean_offset_is_folded_into_conv1_1():
     bgr_input = rgb[::-1] - np.array([104.0, 117.0, 123.0])
     ours = np.einsum("ochw,c->o", blobs["conv1_1"][0].astype(np.float64), bgr_input) + blobs["conv1_1"][1]
     assert np.allclose(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_from_caffes_vgg16_layers_convs_copied_fc_decimated():
+    """Caffe's VGG16 (blobs as a V1 file holds them: legacy 1 x 1 x rows x cols fc weights)."""
+    state, fc6_buffer, fc7_buffer = torchvision_state(4)
+    layers = {name: [state[f"features.{index}.weight"], state[f"features.{index}.bias"].reshape(1, 1, 1, -1)]
+              for name, index in convert_vgg.VGG16_CONVS}
+    layers["fc6"] = [np.lib.stride_tricks.as_strided(fc6_buffer, (1, 1, 4096, 25088), (0, 0, 4, 4)),
+                     state["classifier.0.bias"].reshape(1, 1, 1, -1)]
+    layers["fc7"] = [np.lib.stride_tricks.as_strided(fc7_buffer, (1, 1, 4096, 4096), (0, 0, 4, 4)),
+                     state["classifier.3.bias"].reshape(1, 1, 1, -1)]
+    out = convert_vgg.convert_caffe_vgg16(layers)
+    assert list(out) == BASE_LAYERS
+    for name, index in convert_vgg.VGG16_CONVS:                  # already BGR, 0-255, mean-subtracted
+        assert np.array_equal(out[name][0], state[f"features.{index}.weight"])
+        assert np.array_equal(out[name][1], state[f"features.{index}.bias"])
+    o, c, y, x = np.meshgrid(np.arange(1024), np.arange(512), np.arange(3), np.arange(3), indexing="ij")
+    assert np.array_equal(out["fc6"][0], fc6_buffer[4 * o + c * 49 + 21 * y + 3 * x])
+    assert np.array_equal(out["fc7"][1], state["classifier.3.bias"][::4])
+    del layers["fc7"]
+    with pytest.raises(convert_vgg.VGGConversionError, match="no layer 'fc7'"):
+        convert_vgg.convert_caffe_vgg16(layers)
+
+
+def test_v1_caffemodel_is_read_and_checked(tmp_path, capsys):
+    from deeper_ssd.proto import caffe_pb2
+    net = caffe_pb2.NetParameter(name="VGG_ILSVRC_16_layers")
+    for name, shape in (("conv1_1", (64, 3, 3, 3)), ("conv1_2", (64, 3, 3, 3))):
+        layer = net.layers.add(name=name, type=caffe_pb2.V1LayerParameter.CONVOLUTION)
+        for dims in (shape, (1, 1, 1, shape[0])):
+            blob = layer.blobs.add(num=dims[0], channels=dims[1], height=dims[2], width=dims[3])
+            blob.data.extend(np.zeros(int(np.prod(dims)), np.float32))
+    io.write_caffemodel(net, tmp_path / "VGG_ILSVRC_16_layers.caffemodel")
+    assert cli.main(["convert-vgg", str(tmp_path / "VGG_ILSVRC_16_layers.caffemodel"), str(tmp_path / "o.caffemodel")]) == 2
+    assert "layer 'conv1_2' blob 0 has shape (64, 3, 3, 3), VGG16 needs (64, 64, 3, 3)" in capsys.readouterr().err
+    assert not (tmp_path / "o.caffemodel").exists()
