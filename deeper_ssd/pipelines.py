@@ -1,0 +1,377 @@
+"""The pipelines behind ``deeper-ssd train / test / demo / detect / diffmap``, as functions a
+notebook can call; the command line (:mod:`deeper_ssd.cli`) parses its flags, calls these and
+prints what they return.
+
+    from deeper_ssd.pipelines import train, test
+    solver = train("prototxt/deeper_ssd500_tiny/solver.prototxt", progress=False)
+    report = test("prototxt/deeper_ssd500_tiny/test.prototxt",
+                  "runs/deeper_ssd500_tiny/deeper_ssd500_tiny_iter_800.caffemodel")
+    report["mAP"], report["per_class"], report["size_buckets"], report["speed"]
+
+Bad input (a flag combination that cannot work, an unreadable database, a net without the
+layers a pipeline needs) raises :class:`UsageError` with a one-line message; files that do not
+parse raise :class:`deeper_ssd.io.CaffeFormatError`, inconsistent nets
+:class:`deeper_ssd.layers.LayerError`. Lines a pipeline reports while it runs go to the
+``echo`` / ``note`` callables it takes (None: silent); training logs through
+:class:`deeper_ssd.solver.console.Console`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from . import detect as detection
+from . import diffmap as srtod
+from . import io
+from .eval import evaluate as ev
+from .layers import LayerError
+from .diffmap import SRTODView
+from .layers.data import AnnotatedData
+from .net import Net
+from .solver import LrPolicyError, NonFiniteError, SignalActions, Solver, SolverTypeError, distributed, read_solver
+from .solver.console import Console
+from .solver.trainer import use_channels_last
+
+__all__ = ["UsageError", "TrainingProcessError", "train", "test", "format_test_report", "demo",
+           "detect", "diffmap", "zoo_model", "checked_build", "DEMO_MODEL"]
+
+Echo = Optional[Callable[[str], None]]
+PathLike = Union[str, Path]
+
+
+class UsageError(Exception):
+    """Bad input from the user: one line; the command line prints it and exits with status 2."""
+
+
+class TrainingProcessError(RuntimeError):
+    """A process of a multi-GPU training run failed (its own message was printed by it)."""
+
+
+def _say(echo: Echo, line: str) -> None:
+    if echo is not None:
+        echo(line)
+
+
+# ---------------------------------------------------------------------------------------------
+# the zoo, for the demo and the command line
+
+def zoo_model(name: str, **settings):
+    """The zoo model ``name`` with builder settings overridden; UsageError for an unknown name
+    or a setting the model does not have."""
+    from .builder import zoo
+    try:
+        return zoo.get(name, **settings)
+    except KeyError as err:
+        raise UsageError(err.args[0]) from None
+    except (TypeError, ValueError) as err:
+        raise UsageError(f"{name}: {err}") from None
+
+
+def checked_build(model, build: Callable):
+    """``build(model)``; a model setting that cannot work becomes a one-line UsageError (shape
+    errors keep their LayerError, which names the layer and its shapes)."""
+    try:
+        return build(model)
+    except LayerError:
+        raise
+    except ValueError as err:
+        raise UsageError(f"{model.name}: {err}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# train
+
+def train(solver: PathLike, weights: Union[PathLike, Sequence[PathLike]] = (), snapshot: Optional[PathLike] = None, *,
+          device=None, gpus: Sequence[int] = (), workers: Optional[int] = None,
+          log: Optional[PathLike] = None, sigint_effect: str = "stop", sighup_effect: str = "snapshot",
+          channels_last: bool = False, progress: bool = True, seed: Optional[int] = None) -> Optional[Solver]:
+    """``deeper-ssd train``: train the solver prototxt ``solver`` with tests and snapshots as
+    Caffe's ``caffe train``; returns the :class:`deeper_ssd.solver.Solver` after training (its
+    data workers stopped), None with ``gpus``.
+
+    ``weights``: a .caffemodel, or several, copied by layer name before training
+    (``PREFIX=FILE`` copies layer X into layer PREFIX+X); ``snapshot``: a .solverstate to resume from (not both);
+    ``device``: cpu, cuda or cuda:N (default: the solver's solver_mode); ``gpus``: GPU ids, one
+    training process each (gradients averaged); ``workers``: data worker processes of the train
+    data layers; ``log``: file the log is appended to (default ``<snapshot_prefix>.log``);
+    ``sigint_effect`` / ``sighup_effect``: stop, snapshot or none; ``channels_last``: NHWC
+    memory for the nets; ``progress``: the progress line on stderr; ``seed``: overrides the
+    solver's random_seed. Under torchrun (its environment variables set) this process is one
+    rank of a multi-process run. Raises :class:`deeper_ssd.solver.NonFiniteError` when a
+    non-finite loss or gradient stopped training, :class:`TrainingProcessError` when a process
+    of a ``gpus`` run failed."""
+    param = read_solver(solver)
+    weights = [str(weights)] if isinstance(weights, (str, Path)) else [str(w) for w in weights]
+    if weights and snapshot:
+        raise UsageError("give --snapshot to resume training or --weights to fine-tune, not both")
+    options = dict(solver=str(solver), weights=weights, snapshot=snapshot, device=device,
+                   workers=workers, log=log, sigint_effect=sigint_effect, sighup_effect=sighup_effect,
+                   channels_last=channels_last, progress=progress, seed=seed)
+    if gpus:
+        try:
+            distributed.spawn(_train_rank, [f"cuda:{i}" for i in gpus], args=(options,))
+        except Exception as err:                   # a rank failed; its message is above
+            lines = str(err).strip().splitlines()
+            raise TrainingProcessError(lines[-1] if lines else type(err).__name__) from None
+        return None
+    launched = distributed.from_environment("cuda" if str(device or "").startswith("cuda") else "cpu")
+    if launched is not None:
+        comm, rank_device = launched
+        return _train_process(param, options, comm=comm, device=rank_device)
+    return _train_process(param, options)
+
+
+def _train_process(param, options: dict, comm=None, device=None) -> Solver:
+    """Build this process's solver from ``options`` (:func:`train`'s arguments), train, close."""
+    if options["seed"] is not None:
+        param.random_seed = options["seed"]
+    root = comm is None or comm.rank == 0
+    log_path = options["log"] or (param.snapshot_prefix + ".log")
+    if root:
+        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+    console = Console(log_path if root else None, progress=options["progress"], every=param.display or 10)
+    try:
+        solver = Solver(param, base_dir=Path(options["solver"]).resolve().parent,
+                        device=device or options["device"], log=console.log, progress=console.progress,
+                        comm=comm, data_workers=options["workers"], channels_last=bool(options["channels_last"]))
+    except (LrPolicyError, SolverTypeError) as err:
+        console.close()
+        raise UsageError(f"{options['solver']}: {err}") from None
+    try:
+        console.log(f"Training seed {solver.seed}" + (" (random_seed -1: drawn, recorded in the snapshots)"
+                                                       if param.random_seed < 0 else ""))
+        if options["weights"]:
+            solver.load_weights(options["weights"])
+        with SignalActions(options["sigint_effect"], options["sighup_effect"]) as signals:
+            solver.solve(options["snapshot"], signals=signals)
+    finally:
+        solver.close()
+        console.close()
+    return solver
+
+
+def _train_rank(comm, options: dict) -> None:
+    """One process of ``train(gpus=...)`` (spawned by deeper_ssd.solver.distributed.spawn); a
+    non-finite stop exits with status 1 after rank 0 has reported it."""
+    try:
+        _train_process(read_solver(options["solver"]), options, comm=comm, device=comm.device)
+    except NonFiniteError as err:
+        if comm.rank == 0:
+            print(f"deeper-ssd train: stopped: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# test
+
+def test(model: PathLike, weights: PathLike, out: PathLike = "runs/test", iterations: Optional[int] = None,
+         ap_version: str = "11point", compare: Sequence[PathLike] = (), name: Optional[str] = None,
+         device="cpu", workers: Optional[int] = None, channels_last: bool = False,
+         echo: Echo = None, note: Echo = None) -> dict:
+    """``deeper-ssd test``: evaluate the test net ``model`` (AnnotatedData + DetectionOutput +
+    DetectionEvaluate) with ``weights`` for ``iterations`` batches (default: the test LMDB
+    once); write ``results.json`` and ``pr_curve.png`` (with the curves of the ``compare``
+    results.json files) into ``out``. Returns the JSON dict: mAP (``ap_version``), mAP of every
+    AP version, per-class and per-size AP, PR curves, detection speed. ``echo`` receives the
+    report (:func:`format_test_report`) and the files written, ``note`` non-fatal notes."""
+    net = Net.from_prototxt(model, "TEST", device=torch.device(device))
+    net.load_caffemodel(weights)
+    if channels_last:
+        use_channels_last(net)
+    if workers is not None:
+        for layer in net.data_layers:
+            layer.configure_loader(num_workers=workers)
+    iterations = iterations or _default_test_iterations(net, note)
+    try:
+        result = ev.evaluate(net, iterations, ap_version)
+    except ValueError as err:
+        raise UsageError(f"{model}: {err}") from None
+    finally:
+        for layer in net.data_layers:
+            layer.close()
+    report = dict(name=name or Path(weights).stem, model=str(model), weights=str(weights), **result.as_dict())
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(report, indent=1) + "\n")
+    written = [out / "results.json"] + _plot_pr(report, compare, out, ap_version)
+    for line in format_test_report(report).splitlines():
+        _say(echo, line)
+    _say(echo, "wrote " + ", ".join(str(p) for p in written))
+    return report
+
+
+test.__test__ = False          # not a pytest test when a test module imports it
+
+
+def _plot_pr(report: dict, compare: Sequence[PathLike], out: Path, ap_version: str) -> List[Path]:
+    """pr_curve.png with ``report``'s curves and those of the ``compare`` files (none when no
+    curve has a class)."""
+    from .eval.plots import Curve, plot_pr_curves
+    curves = [Curve.from_report(report)]
+    for path in compare:
+        try:
+            curves.append(Curve.from_report(json.loads(Path(path).read_text())))
+        except (OSError, ValueError, KeyError) as err:
+            raise UsageError(f"--compare {path}: not a results.json of deeper-ssd test ({err})") from None
+    if not any(c.per_class for c in curves):
+        return []
+    return [plot_pr_curves(curves, out / "pr_curve.png", title=f"PR ({ap_version})")]
+
+
+def _default_test_iterations(net: Net, note: Echo) -> int:
+    """Batches that read the test net's AnnotatedData LMDB once: ceil(records / batch_size)."""
+    from .data.annoset import AnnosetError, AnnotatedDB
+    for layer in net.layers:
+        if isinstance(layer, AnnotatedData):
+            source = layer.lp.data_param.source
+            try:
+                db = AnnotatedDB(source, f"layer '{layer.name}': data_param.source LMDB")
+                records = len(db.keys())
+                db.close()
+            except AnnosetError as err:
+                raise UsageError(str(err)) from None
+            batch = layer.lp.data_param.batch_size
+            if records % batch:
+                _say(note, f"{records} records in batches of {batch}: the last batch wraps around and "
+                           f"{batch - records % batch} image(s) are evaluated twice (as Caffe does)")
+            return max(1, math.ceil(records / batch))
+    raise UsageError("the test net has no AnnotatedData layer: give --iterations")
+
+
+def format_test_report(report: dict) -> str:
+    """The lines ``deeper-ssd test`` prints for a :func:`test` report."""
+    def ap_text(value):
+        return "n/a" if value is None else f"{value:.4f}"
+    lines = [f"{report['name']}: {report['images']} images ({report['iterations']} x {report['batch']}), "
+             f"{report['ap_version']} mAP {report['mAP']:.4f}"]
+    for label, entry in report["per_class"].items():
+        lines.append(f"  class {label} {entry['name']}: AP {entry['ap']:.4f} ({entry['objects']} objects)")
+    for bucket, entry in report["size_buckets"].items():
+        lines.append(f"  size {bucket:<2} ({entry['bounds']}): AP {ap_text(entry['mAP'])} "
+                     f"({entry['objects']} objects)")
+    speed = report["speed"]
+    lines.append(f"  detection speed: {speed['images_per_s']:.2f} images/s on {speed['device']}, "
+                 f"batch {speed['batch']}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# demo
+
+#: the zoo model the demo trains
+DEMO_MODEL = "deeper_ssd500_tiny"
+
+
+def demo(solver: Optional[PathLike] = None, seed: int = 0, out: PathLike = "runs/demo",
+         workers: Optional[int] = None, progress: bool = True, echo: Echo = None, note: Echo = None) -> dict:
+    """``deeper-ssd demo``: build the sample set and the tiny Deeper SSD (unless ``solver`` names
+    another solver prototxt, whose data must exist), train on the CPU with ``seed``, test, draw
+    the training curves. Run from the repository root. Writes train.log, results.json,
+    pr_curve.png, training.png and demo.json into ``out``; returns the demo.json dict (mAP,
+    size-bucket APs, seconds). ``echo`` receives the stage lines and the test report, ``note``
+    non-fatal notes; training logs to stdout. Raises NonFiniteError when training stopped."""
+    from .eval.plots import parse_training_log, plot_training_log
+    start = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    solver_path = str(solver) if solver is not None else None
+    if solver_path is None:
+        if not Path("data/labelmap_drone.prototxt").is_file():
+            raise UsageError("run the demo from the repository root (data/labelmap_drone.prototxt "
+                             "is read relative to the working directory, as Caffe does)")
+        from .builder import zoo
+        from .data.sample import make_sample_set
+        model = zoo_model(DEMO_MODEL)
+        data = Path(model.dataset.train_source).parent
+        _say(echo, f"[1/4] sample set -> {data}")
+        sample = make_sample_set(data, seed, test=model.dataset.num_test_image)
+        _say(echo, sample.summary())
+        _say(echo, f"[2/4] model {DEMO_MODEL} -> prototxt/{DEMO_MODEL}/")
+        checked_build(model, lambda m: zoo.write_model(m, "prototxt"))
+        solver_path = f"prototxt/{DEMO_MODEL}/solver.prototxt"
+    param = read_solver(solver_path)
+    _say(echo, f"[3/4] training {solver_path} (seed {seed})")
+    log_path = out / "train.log"
+    if log_path.exists():
+        log_path.unlink()
+    train(solver_path, log=str(log_path), workers=workers, progress=progress, channels_last=True, seed=seed)
+    trained = time.perf_counter() - start
+    weights = f"{param.snapshot_prefix}_iter_{param.max_iter}.caffemodel"
+    test_net = param.test_net[0] if len(param.test_net) else param.net
+    _say(echo, f"[4/4] testing {weights}")
+    report = test(test_net, weights, out, ap_version=param.ap_version or "11point",
+                  name=Path(solver_path).parent.name, workers=workers, echo=echo, note=note)
+    curves = plot_training_log(parse_training_log(log_path), out / "training.png", title=Path(solver_path).parent.name)
+    total = time.perf_counter() - start
+    command_line = "deeper-ssd demo" + (f" --solver {shlex.quote(str(solver))}" if solver is not None else "") \
+        + (f" --seed {seed}" if seed else "")
+    summary = dict(command=command_line, solver=solver_path, seed=seed,
+                   mAP=report["mAP"], ap_version=report["ap_version"], test_images=report["images"],
+                   size_buckets={b: e["mAP"] for b, e in report["size_buckets"].items()},
+                   train_seconds=round(trained, 1), total_seconds=round(total, 1),
+                   device=report["speed"]["device"])
+    (out / "demo.json").write_text(json.dumps(summary, indent=1) + "\n")
+    _say(echo, f"mAP ({report['ap_version']}) {report['mAP']:.4f} on {report['images']} test images, seed "
+               f"{seed}; {total / 60:.1f} min in all (training {trained / 60:.1f} min). Wrote "
+               f"{out / 'pr_curve.png'}, {curves}, {out / 'results.json'}, {out / 'demo.json'}")
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# detect and diffmap: deploy nets on image files
+
+def _deploy_net(model: PathLike, weights: PathLike, device) -> Net:
+    net = Net.from_prototxt(model, "TEST", device=torch.device(device))
+    net.load_caffemodel(weights)
+    return net
+
+
+def _read_image(path: PathLike):
+    try:
+        return detection.read_image(path)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+
+
+def detect(model: PathLike, weights: PathLike, images: Sequence[PathLike], labelmap: Optional[PathLike] = None,
+           out: PathLike = "detections", threshold: float = 0.5, mean: Sequence[float] = (104.0, 117.0, 123.0),
+           scale: float = 1.0, device="cpu") -> Tuple[List[list], Path]:
+    """``deeper-ssd detect``: run the deploy net ``model`` (with a DetectionOutput layer) on
+    image files; write ``<stem>_detections.jpg`` per image and ``detections.json`` into ``out``.
+    ``mean`` (BGR) is subtracted and the result multiplied by ``scale``; detections scoring at
+    least ``threshold`` are kept. Returns one list of :class:`deeper_ssd.detect.Detection`
+    (pixels of the original image) per image and the path of detections.json."""
+    net = _deploy_net(model, weights, device)
+    labels = {item.label: item.display_name or item.name
+              for item in io.read_labelmap(labelmap).item} if labelmap else None
+    pixels = [_read_image(path) for path in images]
+    results = detection.detect(net, pixels, labels, list(mean), scale, threshold)
+    report = detection.write_outputs([Path(p) for p in images], pixels, results, Path(out))
+    return results, report
+
+
+def diffmap(model: PathLike, weights: PathLike, images: Sequence[PathLike], out: PathLike = "diffmap",
+            device="cpu", echo: Echo = None) -> List[Tuple[SRTODView, Dict[str, Path]]]:
+    """``deeper-ssd diffmap``: SR-TOD's view of image files through a deploy net with the SR-TOD
+    head: reconstruction, difference map and mask, written as PNGs (and side by side) into
+    ``out``. Returns, per image, its :class:`deeper_ssd.diffmap.SRTODView` and the paths
+    written (``side_by_side`` among them); ``echo`` receives one line per image as it is done."""
+    net = _deploy_net(model, weights, device)
+    views = []
+    for path in images:
+        try:
+            view = srtod.srtod_view(net, _read_image(path))
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+        paths = srtod.write_view(view, Path(out), Path(path).stem)
+        _say(echo, f"{path}: threshold {view.threshold:.4f}, difference map max {view.difference.max():.4f}, "
+                   f"mask above threshold {float((view.mask == 1).mean()):.2%}; wrote {paths['side_by_side']}")
+        views.append((view, paths))
+    return views

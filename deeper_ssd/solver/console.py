@@ -1,0 +1,57 @@
+"""The training console: Caffe's log lines on stdout (and in a log file with a glog-style
+prefix) and a progress line on stderr."""
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+
+__all__ = ["Console"]
+
+
+class Console:
+    """``log(message)``: the line on stdout and, prefixed ``I<mmdd hh:mm:ss.us> <pid> deeper-ssd]``,
+    appended to ``log_path`` (when given). ``progress(p)`` takes a
+    :class:`deeper_ssd.solver.trainer.Progress`: the progress line is redrawn in place on a
+    terminal, printed every ``every`` updates otherwise; ``progress=False`` turns it off."""
+
+    def __init__(self, log_path=None, progress: bool = True, every: int = 10):
+        self.file = open(log_path, "a", buffering=1) if log_path else None
+        self.tty = sys.stderr.isatty()
+        self.progress_on = progress
+        self.every = max(1, every)
+        self._bar = False
+        self._pid = os.getpid()
+
+    def log(self, message: str) -> None:
+        self._clear()
+        print(message, flush=True)
+        if self.file is not None:
+            now = datetime.datetime.now()
+            self.file.write(f"I{now:%m%d %H:%M:%S.%f} {self._pid} deeper-ssd] {message}\n")
+
+    def progress(self, p) -> None:
+        if not self.progress_on:
+            return
+        width = 24
+        done = int(width * p.iter / max(p.max_iter, 1))
+        eta = (p.max_iter - p.iter) * p.seconds
+        text = (f"[{'#' * done}{'.' * (width - done)}] {p.iter}/{p.max_iter} loss {p.loss:.4g} "
+                f"lr {p.lr:.3g} {p.images_per_s:.1f} img/s data {p.data_s:.3f}s "
+                f"eta {int(eta // 60)}m{int(eta % 60):02d}s")
+        if self.tty:
+            sys.stderr.write("\r" + text + "\x1b[K")
+            sys.stderr.flush()
+            self._bar = True
+        elif p.iter % self.every == 0 or p.iter == p.max_iter:
+            print(text, file=sys.stderr, flush=True)
+
+    def _clear(self) -> None:
+        if self._bar:
+            sys.stderr.write("\r\x1b[K")
+            self._bar = False
+
+    def close(self) -> None:
+        self._clear()
+        if self.file is not None:
+            self.file.close()
