@@ -11,13 +11,10 @@ from typing import Callable, Dict, List, Optional
 
 from . import io
 from .layers import LayerError
+from .pipelines import UsageError, checked_build as _checked
 from .proto import caffe_pb2
 
 __all__ = ["main", "UsageError"]
-
-
-class UsageError(Exception):
-    """Bad input from the user: printed as one line, exit status 2."""
 
 
 _COMMANDS: Dict[str, Callable] = {}
@@ -93,25 +90,13 @@ def _detect_arguments(p: argparse.ArgumentParser) -> None:
 @command("detect", "run a deploy net on images; write annotated images and detections.json",
          _detect_arguments)
 def cmd_detect(args) -> int:
-    from pathlib import Path
-    import torch
-    from . import detect
-    from .net import Net
+    from . import pipelines
     try:
         mean = [float(v) for v in args.mean.split(",")]
     except ValueError:
         raise UsageError(f"--mean {args.mean!r}: give comma-separated numbers") from None
-    device = torch.device(args.device)
-    net = Net.from_prototxt(args.model, "TEST", device=device)
-    net.load_caffemodel(args.weights)
-    labels = {item.label: item.display_name or item.name
-              for item in io.read_labelmap(args.labelmap).item} if args.labelmap else None
-    try:
-        images = [detect.read_image(path) for path in args.images]
-    except ValueError as err:
-        raise UsageError(str(err)) from None
-    results = detect.detect(net, images, labels, mean, args.scale, args.threshold)
-    report = detect.write_outputs([Path(p) for p in args.images], images, results, Path(args.out))
+    results, report = pipelines.detect(args.model, args.weights, args.images, args.labelmap, args.out,
+                                       args.threshold, mean, args.scale, args.device)
     for path, dets in zip(args.images, results):
         print(f"{path}: {len(dets)} detection(s)" + "".join(
             f"\n  {d.name} {d.score:.3f} [{d.xmin:.0f}, {d.ymin:.0f}, {d.xmax:.0f}, {d.ymax:.0f}]" for d in dets))
@@ -134,20 +119,8 @@ def _diffmap_arguments(p: argparse.ArgumentParser) -> None:
 @command("diffmap", "SR-TOD's view of images: reconstruction, difference map and mask as PNGs "
          "side by side (the paper's Fig. 1)", _diffmap_arguments)
 def cmd_diffmap(args) -> int:
-    from pathlib import Path
-    import torch
-    from . import detect, diffmap
-    from .net import Net
-    net = Net.from_prototxt(args.model, "TEST", device=torch.device(args.device))
-    net.load_caffemodel(args.weights)
-    for path in args.images:
-        try:
-            view = diffmap.srtod_view(net, detect.read_image(path))
-        except ValueError as err:
-            raise UsageError(str(err)) from None
-        paths = diffmap.write_view(view, Path(args.out), Path(path).stem)
-        print(f"{path}: threshold {view.threshold:.4f}, difference map max {view.difference.max():.4f}, "
-              f"mask above threshold {float((view.mask == 1).mean()):.2%}; wrote {paths['side_by_side']}")
+    from . import pipelines
+    pipelines.diffmap(args.model, args.weights, args.images, args.out, args.device, echo=print)
     return 0
 
 
@@ -366,24 +339,8 @@ def _setting_arg(text: str):
 
 
 def _zoo_model(name: str, settings=()):
-    from .builder import zoo
-    try:
-        return zoo.get(name, **dict(settings))
-    except KeyError as err:
-        raise UsageError(err.args[0]) from None
-    except (TypeError, ValueError) as err:
-        raise UsageError(f"{name}: {err}") from None
-
-
-def _checked(model, build):
-    """``build(model)``; a model setting that cannot work becomes a one-line usage error (shape
-    errors keep their LayerError, which names the layer and its shapes)."""
-    try:
-        return build(model)
-    except LayerError:
-        raise
-    except ValueError as err:
-        raise UsageError(f"{model.name}: {err}") from None
+    from .pipelines import zoo_model
+    return zoo_model(name, **dict(settings))
 
 
 def _generate_arguments(p: argparse.ArgumentParser) -> None:
@@ -523,55 +480,7 @@ def cmd_draw(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# training and testing: train, test, plot-training-log, demo
-
-class _Console:
-    """Log lines to stdout (and, with a glog-style prefix, to a log file) plus a progress line
-    on stderr: redrawn in place on a terminal, printed every ``display`` updates otherwise."""
-
-    def __init__(self, log_path=None, progress: bool = True, every: int = 10):
-        import os
-        self.file = open(log_path, "a", buffering=1) if log_path else None
-        self.tty = sys.stderr.isatty()
-        self.progress_on = progress
-        self.every = max(1, every)
-        self._bar = False
-        self._pid = os.getpid()
-
-    def log(self, message: str) -> None:
-        import datetime
-        self._clear()
-        print(message, flush=True)
-        if self.file is not None:
-            now = datetime.datetime.now()
-            self.file.write(f"I{now:%m%d %H:%M:%S.%f} {self._pid} deeper-ssd] {message}\n")
-
-    def progress(self, p) -> None:
-        if not self.progress_on:
-            return
-        width = 24
-        done = int(width * p.iter / max(p.max_iter, 1))
-        eta = (p.max_iter - p.iter) * p.seconds
-        text = (f"[{'#' * done}{'.' * (width - done)}] {p.iter}/{p.max_iter} loss {p.loss:.4g} "
-                f"lr {p.lr:.3g} {p.images_per_s:.1f} img/s data {p.data_s:.3f}s "
-                f"eta {int(eta // 60)}m{int(eta % 60):02d}s")
-        if self.tty:
-            sys.stderr.write("\r" + text + "\x1b[K")
-            sys.stderr.flush()
-            self._bar = True
-        elif p.iter % self.every == 0 or p.iter == p.max_iter:
-            print(text, file=sys.stderr, flush=True)
-
-    def _clear(self) -> None:
-        if self._bar:
-            sys.stderr.write("\r\x1b[K")
-            self._bar = False
-
-    def close(self) -> None:
-        self._clear()
-        if self.file is not None:
-            self.file.close()
-
+# training and testing: train, test, plot-training-log, demo (deeper_ssd.pipelines)
 
 def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--solver", required=True, help="solver prototxt")
@@ -594,84 +503,25 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
 
 
-def _solver_errors():
-    from .solver import LrPolicyError, SolverTypeError
-    return (LrPolicyError, SolverTypeError)
-
-
-def _run_training(options: dict, comm=None, device=None, seed=None):
-    """Build the solver of ``options`` (the train arguments as a dict), train, return it."""
-    from pathlib import Path
-    from .solver import SignalActions, Solver, read_solver
-    param = read_solver(options["solver"])
-    if seed is not None:
-        param.random_seed = seed
-    if options.get("weights") and options.get("snapshot"):
-        raise UsageError("give --snapshot to resume training or --weights to fine-tune, not both")
-    root = comm is None or comm.rank == 0
-    log_path = options.get("log") or (param.snapshot_prefix + ".log")
-    if root:
-        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
-    console = _Console(log_path if root else None, progress=not options.get("no_progress"),
-                       every=param.display or 10)
-    try:
-        solver = Solver(param, base_dir=Path(options["solver"]).resolve().parent,
-                        device=device or options.get("device"), log=console.log,
-                        progress=console.progress, comm=comm, data_workers=options.get("workers"),
-                        channels_last=bool(options.get("channels_last")))
-    except _solver_errors() as err:
-        console.close()
-        raise UsageError(f"{options['solver']}: {err}") from None
-    try:
-        console.log(f"Training seed {solver.seed}" + (" (random_seed -1: drawn, recorded in the snapshots)"
-                                                       if param.random_seed < 0 else ""))
-        if options.get("weights"):
-            solver.load_weights([w for w in options["weights"].split(",") if w])
-        with SignalActions(options.get("sigint_effect", "stop"), options.get("sighup_effect", "snapshot")) as sig:
-            solver.solve(options.get("snapshot"), signals=sig)
-    finally:
-        solver.close()
-        console.close()
-    return solver
-
-
-def _train_rank(comm, options: dict) -> None:
-    """One process of ``train --gpus`` (spawned by deeper_ssd.solver.distributed.spawn); a
-    non-finite stop exits with status 1 after rank 0 has reported it."""
-    from .solver import NonFiniteError
-    try:
-        _run_training(options, comm=comm, device=comm.device)
-    except NonFiniteError as err:
-        if comm.rank == 0:
-            print(f"deeper-ssd train: stopped: {err}", file=sys.stderr)
-        raise SystemExit(1) from None
-
-
 @command("train", "train a net with Caffe's solver: tests, snapshots, resume, multi-GPU "
          "(tools/train.py)", _train_arguments)
 def cmd_train(args) -> int:
-    from .solver import NonFiniteError, distributed
-    options = vars(args).copy()
-    options.pop("func", None)
+    from . import pipelines
+    from .solver import NonFiniteError
+    gpus = []
+    if args.gpus:
+        try:
+            gpus = [int(g) for g in args.gpus.split(",") if g.strip()]
+        except ValueError:
+            raise UsageError(f"--gpus {args.gpus!r}: give comma-separated GPU ids like 0,1") from None
     try:
-        if args.gpus:
-            try:
-                ids = [int(g) for g in args.gpus.split(",") if g.strip()]
-            except ValueError:
-                raise UsageError(f"--gpus {args.gpus!r}: give comma-separated GPU ids like 0,1") from None
-            try:
-                distributed.spawn(_train_rank, [f"cuda:{i}" for i in ids], args=(options,))
-            except Exception as err:                   # a rank failed; its message is above
-                print(f"deeper-ssd train: a training process failed: {str(err).strip().splitlines()[-1]}",
-                      file=sys.stderr)
-                return 1
-            return 0
-        launched = distributed.from_environment("cuda" if (args.device or "").startswith("cuda") else "cpu")
-        if launched is not None:
-            comm, device = launched
-            _run_training(options, comm=comm, device=device)
-        else:
-            _run_training(options)
+        pipelines.train(args.solver, [w for w in (args.weights or "").split(",") if w], args.snapshot,
+                        device=args.device, gpus=gpus, workers=args.workers, log=args.log,
+                        sigint_effect=args.sigint_effect, sighup_effect=args.sighup_effect,
+                        channels_last=args.channels_last, progress=not args.no_progress)
+    except pipelines.TrainingProcessError as err:
+        print(f"deeper-ssd train: a training process failed: {err}", file=sys.stderr)
+        return 1
     except NonFiniteError as err:
         print(f"deeper-ssd train: stopped: {err}", file=sys.stderr)
         return 1
@@ -697,92 +547,17 @@ def _test_arguments(p: argparse.ArgumentParser) -> None:
                    "(faster convolutions on CPU for thin, high-resolution layers)")
 
 
-def _default_test_iterations(net) -> int:
-    import math
-    from .data.annoset import AnnosetError, AnnotatedDB
-    for layer in net.layers:
-        if layer.caffe_type == "AnnotatedData":
-            source = layer.lp.data_param.source
-            try:
-                db = AnnotatedDB(source, f"layer '{layer.name}': data_param.source LMDB")
-                records = len(db.keys())
-                db.close()
-            except AnnosetError as err:
-                raise UsageError(str(err)) from None
-            batch = layer.lp.data_param.batch_size
-            if records % batch:
-                print(f"note: {records} records in batches of {batch}: the last batch wraps around and "
-                      f"{batch - records % batch} image(s) are evaluated twice (as Caffe does)", file=sys.stderr)
-            return max(1, math.ceil(records / batch))
-    raise UsageError("the test net has no AnnotatedData layer: give --iterations")
-
-
-def run_test(model: str, weights: str, out: str, iterations=None, ap_version: str = "11point",
-             compare=(), name=None, device="cpu", workers=None, quiet: bool = False,
-             channels_last: bool = False) -> dict:
-    """``deeper-ssd test`` as a function: evaluate, print, write results.json and pr_curve.png
-    into ``out``; returns the JSON dict."""
-    import json
-    from pathlib import Path
-    import torch
-    from .eval import evaluate as ev
-    from .eval.plots import Curve, plot_pr_curves
-    from .net import Net
-    net = Net.from_prototxt(model, "TEST", device=torch.device(device))
-    net.load_caffemodel(weights)
-    if channels_last:
-        from .solver.trainer import use_channels_last
-        use_channels_last(net)
-    if workers is not None:
-        for layer in net.layers:
-            if hasattr(layer, "configure_loader"):
-                layer.configure_loader(num_workers=workers)
-    iterations = iterations or _default_test_iterations(net)
-    try:
-        result = ev.evaluate(net, iterations, ap_version)
-    except ValueError as err:
-        raise UsageError(f"{model}: {err}") from None
-    finally:
-        for layer in net.layers:
-            if hasattr(layer, "close"):
-                layer.close()
-    report = dict(name=name or Path(weights).stem, model=str(model), weights=str(weights), **result.as_dict())
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(report, indent=1) + "\n")
-    curves = [Curve.from_report(report)]
-    for path in compare:
-        try:
-            curves.append(Curve.from_report(json.loads(Path(path).read_text())))
-        except (OSError, ValueError, KeyError) as err:
-            raise UsageError(f"--compare {path}: not a results.json of deeper-ssd test ({err})") from None
-    written = [out / "results.json"]
-    if any(c.per_class for c in curves):
-        written.append(plot_pr_curves(curves, out / "pr_curve.png", title=f"PR ({ap_version})"))
-    if not quiet:
-        _print_test_report(report)
-        print("wrote " + ", ".join(str(p) for p in written))
-    return report
-
-
-def _print_test_report(report: dict) -> None:
-    def ap_text(value):
-        return "n/a" if value is None else f"{value:.4f}"
-    print(f"{report['name']}: {report['images']} images ({report['iterations']} x {report['batch']}), "
-          f"{report['ap_version']} mAP {report['mAP']:.4f}")
-    for label, entry in report["per_class"].items():
-        print(f"  class {label} {entry['name']}: AP {entry['ap']:.4f} ({entry['objects']} objects)")
-    for bucket, entry in report["size_buckets"].items():
-        print(f"  size {bucket:<2} ({entry['bounds']}): AP {ap_text(entry['mAP'])} ({entry['objects']} objects)")
-    speed = report["speed"]
-    print(f"  detection speed: {speed['images_per_s']:.2f} images/s on {speed['device']}, batch {speed['batch']}")
+def _note(message: str) -> None:
+    print(f"note: {message}", file=sys.stderr)
 
 
 @command("test", "evaluate a test net: mAP, per-class and per-size AP, PR curve, detection speed "
          "(tools/test.py)", _test_arguments)
 def cmd_test(args) -> int:
-    run_test(args.model, args.weights, args.out, args.iterations, args.ap_version, args.compare,
-             args.name, args.device, args.workers, channels_last=args.channels_last)
+    from . import pipelines
+    pipelines.test(args.model, args.weights, args.out, args.iterations, args.ap_version, args.compare,
+                   args.name, args.device, args.workers, channels_last=args.channels_last,
+                   echo=print, note=_note)
     return 0
 
 
@@ -807,9 +582,6 @@ def cmd_plot_training_log(args) -> int:
     return 0
 
 
-DEMO_MODEL = "deeper_ssd500_tiny"
-
-
 def _demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--solver", help="train this solver instead of the tiny model's (e.g. "
                    "prototxt/deeper_ssd500/solver.prototxt for the paper's; its data must exist)")
@@ -823,60 +595,14 @@ def _demo_arguments(p: argparse.ArgumentParser) -> None:
 @command("demo", "the main job: build the sample set and the tiny Deeper SSD, train it on the CPU, "
          "test it (mAP, PR curve)", _demo_arguments)
 def cmd_demo(args) -> int:
-    import json
-    import shlex
-    import time
-    from pathlib import Path
-    from .solver import NonFiniteError, read_solver
-    start = time.perf_counter()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    solver_path = args.solver
-    if solver_path is None:
-        if not Path("data/labelmap_drone.prototxt").is_file():
-            raise UsageError("run the demo from the repository root (data/labelmap_drone.prototxt "
-                             "is read relative to the working directory, as Caffe does)")
-        from .data.sample import make_sample_set
-        from .builder import zoo
-        model = _zoo_model(DEMO_MODEL)
-        data = Path(model.dataset.train_source).parent
-        print(f"[1/4] sample set -> {data}", flush=True)
-        sample = make_sample_set(data, args.seed, test=model.dataset.num_test_image)
-        print(sample.summary(), flush=True)
-        print(f"[2/4] model {DEMO_MODEL} -> prototxt/{DEMO_MODEL}/", flush=True)
-        _checked(model, lambda m: zoo.write_model(m, "prototxt"))
-        solver_path = f"prototxt/{DEMO_MODEL}/solver.prototxt"
-    param = read_solver(solver_path)
-    print(f"[3/4] training {solver_path} (seed {args.seed})", flush=True)
-    log_path = out / "train.log"
-    if log_path.exists():
-        log_path.unlink()
+    from . import pipelines
+    from .solver import NonFiniteError
     try:
-        _run_training(dict(solver=solver_path, log=str(log_path), workers=args.workers,
-                           no_progress=args.no_progress, channels_last=True), seed=args.seed)
+        pipelines.demo(args.solver, args.seed, args.out, args.workers, progress=not args.no_progress,
+                       echo=lambda line: print(line, flush=True), note=_note)
     except NonFiniteError as err:
         print(f"deeper-ssd demo: training stopped: {err}", file=sys.stderr)
         return 1
-    trained = time.perf_counter() - start
-    weights = f"{param.snapshot_prefix}_iter_{param.max_iter}.caffemodel"
-    test_net = param.test_net[0] if len(param.test_net) else param.net
-    print(f"[4/4] testing {weights}", flush=True)
-    report = run_test(test_net, weights, str(out), ap_version=param.ap_version or "11point",
-                      name=Path(solver_path).parent.name, workers=args.workers)
-    from .eval.plots import parse_training_log, plot_training_log
-    curves = plot_training_log(parse_training_log(log_path), out / "training.png", title=Path(solver_path).parent.name)
-    total = time.perf_counter() - start
-    command_line = "deeper-ssd demo" + (f" --solver {shlex.quote(args.solver)}" if args.solver else "") \
-        + (f" --seed {args.seed}" if args.seed else "")
-    summary = dict(command=command_line, solver=solver_path, seed=args.seed,
-                   mAP=report["mAP"], ap_version=report["ap_version"], test_images=report["images"],
-                   size_buckets={b: e["mAP"] for b, e in report["size_buckets"].items()},
-                   train_seconds=round(trained, 1), total_seconds=round(total, 1),
-                   device=report["speed"]["device"])
-    (out / "demo.json").write_text(json.dumps(summary, indent=1) + "\n")
-    print(f"mAP ({report['ap_version']}) {report['mAP']:.4f} on {report['images']} test images, seed "
-          f"{args.seed}; {total / 60:.1f} min in all (training {trained / 60:.1f} min). Wrote "
-          f"{out / 'pr_curve.png'}, {curves}, {out / 'results.json'}, {out / 'demo.json'}")
     return 0
 
 
