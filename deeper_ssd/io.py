@@ -118,8 +118,9 @@ def write_text(message, path: PathLike) -> None:
 
 def read_net(path: PathLike) -> caffe_pb2.NetParameter:
     """Parse a net prototxt (train/test/deploy); old formats (V0/V1 layers, data-layer
-    transformation fields, frozen BatchNorm params) are upgraded as Caffe does on load, with one
-    log line (deeper_ssd/upgrade.py); net-level inputs stay as written (see :func:`upgrade_net`).
+    transformation fields) are upgraded as Caffe does on load, with one log line
+    (deeper_ssd/upgrade.py); net-level inputs and BatchNorm param triples, which the SSD fork
+    still writes, stay as written until the net is planned (see :func:`upgrade_net`).
     A file with neither layers nor net-level inputs (empty, or not a net) is refused."""
     net = _upgraded(read_text(path, caffe_pb2.NetParameter), path)
     if not len(net.layer) and not len(net.input):
@@ -215,7 +216,7 @@ def read_caffemodel(path: PathLike) -> caffe_pb2.NetParameter:
 
 def _upgraded(net: caffe_pb2.NetParameter, path: PathLike) -> caffe_pb2.NetParameter:
     from . import upgrade          # upgrade.py builds on this module
-    net, done = upgrade.upgrade_net(net, str(path), inputs=False)
+    net, done = upgrade.upgrade_net(net, str(path), keep_fork_forms=True)
     upgrade.log_upgrades(str(path), done)
     return net
 
@@ -278,7 +279,8 @@ def _to_numpy(value):
 
 def upgrade_net(net: caffe_pb2.NetParameter) -> caffe_pb2.NetParameter:
     """Return a copy with all of Caffe's load-time upgrades applied (deeper_ssd/upgrade.py),
-    net-level ``input``/``input_shape``/``input_dim`` included: they become one ``Input`` layer
-    named ``input`` placed first (as Caffe's UpgradeNetInput does). Current nets come back equal."""
+    those the readers leave as written included: net-level ``input``/``input_shape``/``input_dim``
+    become one ``Input`` layer named ``input`` placed first (as Caffe's UpgradeNetInput does) and
+    a BatchNorm's three ``param`` specs go. Current nets come back equal."""
     from . import upgrade
     return upgrade.upgrade_net(net, f"net {net.name!r}")[0]

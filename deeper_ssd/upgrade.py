@@ -18,6 +18,10 @@ Applied in Caffe's order, each only when the net needs it:
 5. **BatchNorm** layers with exactly three ``param`` specs (the old way to freeze its statistics)
    lose them (its blobs are never learned).
 
+Steps 4 and 5 are forms the SSD fork's own tools still write (its deploy files' ``input`` fields,
+model_libs.py's BatchNorm ``param`` triples), so the readers in io.py leave them as written and
+the shape plan applies them (``io.upgrade_net``); the other steps happen on read.
+
 Where Caffe logs an error and goes on (a V0 field that does not apply to the layer's type), we
 warn and go on; where Caffe aborts (an unknown V0 type, a bottom no layer makes), or would drop
 layers (a net with both ``layer`` and ``layers``), CaffeFormatError says so. Caffe's tools
@@ -273,10 +277,12 @@ def _upgrade_inputs(net: caffe_pb2.NetParameter, source: str) -> None:
 
 
 def upgrade_net(net: caffe_pb2.NetParameter, source: str = "net",
-                inputs: bool = True) -> Tuple[caffe_pb2.NetParameter, List[str]]:
+                keep_fork_forms: bool = False) -> Tuple[caffe_pb2.NetParameter, List[str]]:
     """A copy of ``net`` with Caffe's load-time upgrades applied, and the names of those that
-    were needed (empty when the net was current). ``inputs=False`` keeps net-level ``input``
-    fields as written (see docs/decisions.md). Warnings name what Caffe would log as problems."""
+    were needed (empty when the net was current). ``keep_fork_forms=True`` leaves the two forms
+    the SSD fork's own tools still write as written: net-level inputs and BatchNorm's three
+    ``param`` specs (steps 4 and 5; docs/decisions.md). Warnings name what Caffe would log as
+    problems."""
     out = caffe_pb2.NetParameter()
     out.CopyFrom(net)
     done, problems = [], []
@@ -295,14 +301,15 @@ def upgrade_net(net: caffe_pb2.NetParameter, source: str = "net",
         out.ClearField("layers")
         out.layer.extend(layers)
         done.append("V1 layers")
-    if inputs and len(out.input):
-        _upgrade_inputs(out, source)
-        done.append("net-level inputs")
-    frozen_bn = [layer for layer in out.layer if layer.type == "BatchNorm" and len(layer.param) == 3]
-    for layer in frozen_bn:
-        layer.ClearField("param")
-    if frozen_bn:
-        done.append("BatchNorm param specs")
+    if not keep_fork_forms:
+        if len(out.input):
+            _upgrade_inputs(out, source)
+            done.append("net-level inputs")
+        frozen_bn = [layer for layer in out.layer if layer.type == "BatchNorm" and len(layer.param) == 3]
+        for layer in frozen_bn:
+            layer.ClearField("param")
+        if frozen_bn:
+            done.append("BatchNorm param specs")
     for problem in problems:
         log.warning("%s: %s", source, problem)
     return out, done

@@ -60,7 +60,7 @@ def _parse(text):
 # ---- the upgraded NetParameter ----
 
 def test_v1_layers_become_layer_parameters():
-    net, done = upgrade.upgrade_net(_parse(V1_NET), "v1", inputs=False)
+    net, done = upgrade.upgrade_net(_parse(V1_NET), "v1", keep_fork_forms=True)
     assert done == ["V1 layers"] and not len(net.layers)
     assert [(layer.name, layer.type) for layer in net.layer] == [
         ("conv1", "Convolution"), ("relu1", "ReLU"), ("pool1", "Pooling"), ("norm1", "LRN"),
@@ -206,6 +206,15 @@ def _v0_caffemodel(weights: caffe_pb2.NetParameter) -> caffe_pb2.NetParameter:
             shell.layer.name, shell.layer.type = layer.name, v0_types[layer.type]
             shell.layer.blobs.extend(_legacy_blob(b) for b in layer.blobs)
     return old
+
+
+def test_readers_keep_the_forms_the_fork_still_writes_and_the_plan_upgrades_them(tmp_path, caplog):
+    path = _write(tmp_path / "deploy.prototxt", INPUT_SHAPE_NET)
+    with caplog.at_level(logging.WARNING, logger="deeper_ssd.upgrade"):
+        net = io.read_net(path)
+    assert net == _parse(INPUT_SHAPE_NET) and not caplog.records      # as written, silently
+    planned = io.upgrade_net(net)
+    assert planned.layer[0].type == "Input" and not len(planned.layer[2].param)
 
 
 def test_read_net_upgrades_text_and_logs_one_line(tmp_path, caplog):
