@@ -36,7 +36,7 @@ from typing import List, Tuple
 from . import io
 from .proto import caffe_pb2
 
-__all__ = ["upgrade_net", "upgrade_file", "V0_TYPES", "V1_TYPES"]
+__all__ = ["upgrade_net", "log_upgrades", "upgrade_file", "V0_TYPES", "V1_TYPES"]
 
 log = logging.getLogger(__name__)
 
