@@ -249,3 +249,86 @@ def test_channels_last_trains_the_same_net(tiny, tmp_path):
     for name in a:
         for x, y in zip(a[name], b[name]):
             np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+# ---------------------------------------------------------------------------------------------
+# faults during training keep the work
+
+def test_a_killed_data_worker_is_restarted_at_its_place_in_the_data(tiny, tmp_path, capfd):
+    """kill -9 on the data worker at iteration 12: the workers restart at the next batch and the
+    run ends with the weights of an undisturbed run (batches depend only on seed and index)."""
+    param = solver_param(tiny, snapshot_prefix=str(tmp_path / "killed"), max_iter=14)
+    solver = Solver(param, log=lambda m: None, data_workers=1)
+
+    def progress(p):
+        if p.iter == 12:
+            workers = solver.train_net.layer_by_name["data"]._loader._iter._workers
+            os.kill(workers[0].pid, signal.SIGKILL)
+    solver.progress = progress
+    try:
+        solver.solve()
+    finally:
+        solver.close()
+    assert solver.iter == 14
+    assert "a data worker process died" in capfd.readouterr().err
+    run(tiny, tmp_path / "calm", max_iter=14)
+    assert_same_model(f"{tmp_path / 'calm'}_iter_14.caffemodel", f"{tmp_path / 'killed'}_iter_14.caffemodel")
+
+
+def test_a_corrupt_record_mid_training_names_it_and_keeps_the_work(tmp_path):
+    import lmdb
+    from deeper_ssd.solver import TrainingStopped
+    paths = make_tiny(tmp_path / "data")
+    source = paths["data"] / "trainval_lmdb"
+    env = lmdb.open(str(source), subdir=source.is_dir(), lock=False)
+    with env.begin(write=True) as txn:
+        keys = [key for key, _ in txn.cursor()]
+        txn.put(keys[9], b"\x08garbage")                    # read by iteration 2 (batch 4)
+    env.close()
+    with pytest.raises(TrainingStopped) as stop:
+        run(paths, tmp_path / "c", max_iter=6)
+    message = str(stop.value)
+    assert message.startswith("iteration 2: ") and keys[9].decode() in message
+    assert f"saved to {tmp_path / 'c'}_iter_2.solverstate" in message
+    assert io.read_solverstate(f"{tmp_path / 'c'}_iter_2.solverstate").iter == 2
+
+
+def test_a_full_disk_while_snapshotting_keeps_the_previous_snapshot(tiny, tmp_path, monkeypatch):
+    import errno
+    from deeper_ssd.solver import SnapshotError
+    write = io.atomic_write_bytes
+
+    def full_disk(path, data):
+        if "_iter_4" in str(path) and str(path).endswith(".trainstate.json"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        write(path, data)
+    monkeypatch.setattr(io, "atomic_write_bytes", full_disk)
+    with pytest.raises(SnapshotError) as stop:
+        run(tiny, tmp_path / "d", max_iter=6, snapshot=2)
+    message = str(stop.value)
+    assert "No space left on device" in message and f"{tmp_path / 'd'}_iter_2.solverstate is intact" in message
+    assert sorted(p.name for p in tmp_path.glob("d_iter_*")) == [
+        "d_iter_2.caffemodel", "d_iter_2.solverstate", "d_iter_2.trainstate.json"]
+    monkeypatch.setattr(io, "atomic_write_bytes", write)
+    solver, _ = run(tiny, tmp_path / "d", max_iter=3, resume=f"{tmp_path / 'd'}_iter_2.solverstate")
+    assert solver.iter == 3
+
+
+def test_sigterm_snapshots_then_stops_by_default(tiny, tmp_path):
+    """What a cluster scheduler sends before preemption; a fallback handler keeps this test's
+    process alive where SIGTERM is not handled."""
+    fallback = signal.signal(signal.SIGTERM, lambda *args: None)
+
+    def progress(p):
+        if p.iter == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+    try:
+        with SignalActions() as sig:
+            solver, log = run(tiny, tmp_path / "term", max_iter=6, signals=sig, progress=progress)
+        with SignalActions(sigterm="none") as sig:
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert sig.requested() is None
+    finally:
+        signal.signal(signal.SIGTERM, fallback)
+    assert solver.iter == 3 and log[-1] == "Optimization stopped early."
+    assert (tmp_path / "term_iter_3.solverstate").is_file()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence, Tuple
@@ -144,6 +145,10 @@ class _BatchIndices(torch.utils.data.Sampler):
         return itertools.count(self.start)
 
 
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
 def _init_worker(_worker_id: int) -> None:
     cv2.setNumThreads(1)            # one worker process = one core's worth of decoding
 
@@ -182,28 +187,75 @@ class DataTiming:
 
 class BatchLoader:
     """Iterates an :class:`AnnotatedBatches` from batch ``start`` with ``num_workers`` worker
-    processes (0 = in this process) each prefetching ``prefetch`` batches."""
+    processes (0 = in this process) each prefetching ``prefetch`` batches.
+
+    A worker process that dies (killed, out of memory) is replaced: the workers restart at the
+    next batch to return, which they rebuild identically (every batch depends only on the seed
+    and its index), and ``warn`` gets one line. After :data:`RESTARTS` deaths in a row without
+    a batch delivered, :meth:`next` raises TransformError instead."""
+
+    #: consecutive worker deaths (no batch delivered in between) tolerated
+    RESTARTS = 3
 
     def __init__(self, dataset: AnnotatedBatches, start: int = 0, num_workers: int = 1,
-                 prefetch: int = 3, pin_memory: bool = False, timing: Optional[DataTiming] = None):
+                 prefetch: int = 3, pin_memory: bool = False, timing: Optional[DataTiming] = None,
+                 warn: Optional[Callable[[str], None]] = None):
         self.dataset = dataset
         self.timing = timing if timing is not None else DataTiming()
-        kwargs = dict(batch_size=None, sampler=_BatchIndices(start), num_workers=num_workers,
-                      pin_memory=pin_memory, collate_fn=_as_is)
+        self.warn = warn or _warn
+        self._kwargs = dict(batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                            collate_fn=_as_is)
         if num_workers > 0:
-            kwargs.update(prefetch_factor=prefetch, worker_init_fn=_init_worker,
-                          multiprocessing_context=_worker_context())
-        self._loader = torch.utils.data.DataLoader(dataset, **kwargs)
+            self._kwargs.update(prefetch_factor=prefetch, worker_init_fn=_init_worker,
+                                multiprocessing_context=_worker_context())
         self._iter = None
         self.next_batch = start
+        self.restarts = 0
+
+    def _start(self) -> None:
+        """Workers (if any) reading from :attr:`next_batch` on. Their deaths are found when a
+        batch is awaited (torch's SIGCHLD check, which raises wherever the trainer happens to
+        be, is switched off for them)."""
+        loader = torch.utils.data.DataLoader(self.dataset, sampler=_BatchIndices(self.next_batch),
+                                             **self._kwargs)
+        self._iter = iter(loader)
+        if getattr(self._iter, "_worker_pids_set", False):
+            from torch.utils.data._utils import signal_handling
+            signal_handling._remove_worker_pids(id(self._iter))
+            self._iter._worker_pids_set = False
+
+    def _worker_died(self, err: BaseException) -> bool:
+        workers = getattr(self._iter, "_workers", None) or []
+        return isinstance(err, (RuntimeError, ConnectionError, EOFError)) and (
+            any(not w.is_alive() for w in workers) or "exited unexpectedly" in str(err)
+            or "killed by signal" in str(err))
+
+    def _fetch(self):
+        failures = 0
+        while True:
+            if self._iter is None:
+                self._start()
+            try:
+                return next(self._iter)
+            except (RuntimeError, ConnectionError, EOFError) as err:
+                if not self._worker_died(err):
+                    raise
+                detail = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+                self._shutdown()
+                failures += 1
+                self.restarts += 1
+                if failures > self.RESTARTS:
+                    raise TransformError(f"{self.dataset.where}: the data worker processes died {failures} "
+                                         f"times in a row at batch {self.next_batch} ({detail}); "
+                                         "out of memory?") from None
+                self.warn(f"{self.dataset.where}: a data worker process died ({detail}); workers "
+                          f"restarted at batch {self.next_batch}")
 
     def next(self):
         """The next batch ``(data, label)``; the wait is recorded in :attr:`timing`. A record
         that cannot be read or transformed raises TransformError naming it."""
-        if self._iter is None:
-            self._iter = iter(self._loader)
         start = time.perf_counter()
-        batch = next(self._iter)
+        batch = self._fetch()
         if isinstance(batch, _Failure):
             raise TransformError(batch.message)
         data, label, work_s = batch
@@ -211,9 +263,12 @@ class BatchLoader:
         self.next_batch += 1
         return data, label
 
-    def close(self) -> None:
-        """Stop the workers (the loader cannot be used afterwards)."""
+    def _shutdown(self) -> None:
         iterator, self._iter = self._iter, None
         if iterator is not None and hasattr(iterator, "_shutdown_workers"):
             iterator._shutdown_workers()
+
+    def close(self) -> None:
+        """Stop the workers (the loader cannot be used afterwards)."""
+        self._shutdown()
         self.dataset.release()

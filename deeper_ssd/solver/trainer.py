@@ -25,9 +25,15 @@ smoothed-loss window (format in :class:`TrainState`). Each file is written atomi
 leaves a truncated file under a final name. Resuming from a .solverstate continues exactly: the
 weights after N more updates equal those of an uninterrupted run bit for bit on CPU.
 
-Signals (Caffe's ``--sigint_effect`` / ``--sighup_effect``): by default SIGINT stops after the
+Signals (Caffe's ``--sigint_effect`` / ``--sighup_effect``, plus ``--sigterm-effect``): by
+default SIGINT and SIGTERM (what cluster schedulers send before preemption) stop after the
 current iteration with a snapshot, SIGHUP snapshots and continues; a second SIGINT interrupts
-at once (atomic writes still leave no partial file). A non-finite loss or gradient snapshots
+at once (atomic writes still leave no partial file).
+
+Faults keep the work: bad input met after the first iteration (a corrupt record) snapshots the
+state before the iteration and raises :class:`TrainingStopped` naming it; a snapshot that cannot
+be written (a full disk) removes its own files, keeps the previous snapshot and raises
+:class:`SnapshotError` saying so; a dead data worker is restarted by the data loader. A non-finite loss or gradient snapshots
 the last good weights (before the update) and raises :class:`NonFiniteError` naming the
 iteration and the first layer whose output, or the parameter blob whose gradient, is not finite.
 """
@@ -55,7 +61,7 @@ from ..proto import caffe_pb2
 from .lr import LearningRate
 from .sgd import make_rule
 
-__all__ = ["Solver", "SolverError", "NonFiniteError", "TrainState", "SignalActions", "Progress",
+__all__ = ["Solver", "SolverError", "SnapshotError", "TrainingStopped", "NonFiniteError", "TrainState", "SignalActions", "Progress",
            "ACTIONS", "read_solver", "use_channels_last"]
 
 #: SolverAction values of Caffe's --sigint_effect / --sighup_effect
@@ -66,6 +72,14 @@ TRAINSTATE_FORMAT = "deeper-ssd trainstate 1"
 
 class SolverError(LayerError):
     """A solver that cannot run: bad fields, missing nets, unreadable snapshot."""
+
+
+class SnapshotError(SolverError):
+    """A snapshot could not be written (its own files removed; the previous one is intact)."""
+
+
+class TrainingStopped(SolverError):
+    """Bad input met mid-training; the state before the iteration was snapshotted first."""
 
 
 class NonFiniteError(RuntimeError):
@@ -107,16 +121,16 @@ def read_solver(path) -> caffe_pb2.SolverParameter:
 # signals
 
 class SignalActions:
-    """Caffe's SignalHandler: SIGINT/SIGHUP set flags the loop polls once per iteration
-    (and per test batch). ``requested()`` returns "stop", "snapshot" or None. A second
-    SIGINT before the first was handled raises KeyboardInterrupt. Installed by ``with``,
-    in the main thread only (elsewhere it is inert)."""
+    """Caffe's SignalHandler: SIGINT/SIGHUP (and SIGTERM) set flags the loop polls once per
+    iteration (and per test batch). ``requested()`` returns "stop", "snapshot" or None. A
+    second SIGINT before the first was handled raises KeyboardInterrupt. Installed by
+    ``with``, in the main thread only (elsewhere it is inert)."""
 
-    def __init__(self, sigint: str = "stop", sighup: str = "snapshot"):
-        for name, effect in (("sigint", sigint), ("sighup", sighup)):
+    def __init__(self, sigint: str = "stop", sighup: str = "snapshot", sigterm: str = "stop"):
+        for name, effect in (("sigint", sigint), ("sighup", sighup), ("sigterm", sigterm)):
             if effect not in ACTIONS:
                 raise SolverError(f"{name} effect must be one of {', '.join(ACTIONS)}, not {effect!r}")
-        self.effects = {signal.SIGINT: sigint}
+        self.effects = {signal.SIGINT: sigint, signal.SIGTERM: sigterm}
         if hasattr(signal, "SIGHUP"):
             self.effects[signal.SIGHUP] = sighup
         self._pending: List[int] = []
@@ -293,6 +307,7 @@ class Solver:
         self._restored_window = False
         self.requested_early_exit = False
         self._last_snapshot_iter: Optional[int] = None
+        self._last_snapshot: Optional[str] = None       # the solverstate written or resumed from last
         self.last_test: Dict[int, dict] = {}
         self.signals: Optional[SignalActions] = None
         if comm is not None:
@@ -455,6 +470,7 @@ class Solver:
         self._restored_window = False
         params = [lp.blob for lp in self.train_net.learnable_params]
         statistics = [b for b in params if not b.requires_grad]      # BatchNorm's, updated by forward
+        start_iter = self.iter
         while self.iter < stop_iter:
             for blob in params:
                 blob.grad = None
@@ -473,7 +489,7 @@ class Solver:
             data_s = 0.0
             losses = []
             for _ in range(p.iter_size):
-                outputs = self.train_net()
+                outputs = self._forward_train(start_iter, statistics, saved_statistics)
                 if outputs.loss is None:
                     raise SolverError(f"train net '{self.train_net.name}' has no loss output to minimise")
                 outputs.loss.backward()
@@ -514,6 +530,23 @@ class Solver:
             if request == "stop":
                 self.requested_early_exit = True
                 break
+
+    def _forward_train(self, start_iter: int, statistics, saved_statistics):
+        """One forward of the train net. Bad input met after this step's first iteration (a
+        corrupt record, a data worker that keeps dying) snapshots the state before this
+        iteration (BatchNorm statistics restored) and raises TrainingStopped naming it; one
+        process only (a rank of a multi-GPU run raises the error as it is)."""
+        try:
+            return self.train_net()
+        except LayerError as err:
+            if self.iter == start_iter or self.comm is not None:
+                raise
+            with torch.no_grad():
+                for blob, saved in zip(statistics, saved_statistics):
+                    blob.copy_(saved)
+            snapshot = self.snapshot() if self._last_snapshot_iter != self.iter else self._last_snapshot
+            raise TrainingStopped(f"iteration {self.iter}: {err}; training stopped, state before this "
+                                  f"iteration saved to {snapshot}") from None
 
     def _requested_action(self) -> Optional[str]:
         """The pending signal's action ("stop", "snapshot" or None), agreed by all ranks."""
@@ -687,14 +720,29 @@ class Solver:
             return None
         base = self.snapshot_base()
         model, state_path = base + ".caffemodel", base + ".solverstate"
-        self.log(f"Snapshotting to binary proto file {model}")
-        self.train_net.save_caffemodel(model)
-        self.train_state().write(TrainState.path_for(state_path))
-        state = caffe_pb2.SolverState(iter=self.iter, learned_net=model, **self.lr.state())
-        state.history.extend(io.array_to_blob(h) for h in self.rule.history)
-        self.log(f"Snapshotting solver state to binary proto file {state_path}")
-        io.write_solverstate(state, state_path)
-        self._last_snapshot_iter = self.iter
+        side = TrainState.path_for(state_path)
+        writing = model
+        try:
+            self.log(f"Snapshotting to binary proto file {model}")
+            self.train_net.save_caffemodel(model)
+            writing = str(side)
+            self.train_state().write(side)
+            state = caffe_pb2.SolverState(iter=self.iter, learned_net=model, **self.lr.state())
+            state.history.extend(io.array_to_blob(h) for h in self.rule.history)
+            self.log(f"Snapshotting solver state to binary proto file {state_path}")
+            writing = state_path
+            io.write_solverstate(state, state_path)
+        except OSError as err:
+            for path in (model, side):                  # no incomplete set under final names
+                if str(path) != writing:
+                    Path(path).unlink(missing_ok=True)
+            kept = (f"the previous snapshot {self._last_snapshot} is intact" if self._last_snapshot
+                    else "no earlier snapshot of this run")
+            message = (f"iteration {self.iter}: snapshot failed writing {writing}: {err.strerror or err}; "
+                       f"{kept}; training stopped")
+            self.log(message)
+            raise SnapshotError(message) from None
+        self._last_snapshot_iter, self._last_snapshot = self.iter, state_path
         return state_path
 
     def train_state(self) -> TrainState:
@@ -714,6 +762,7 @@ class Solver:
             raise SolverError(f"{path}: HDF5 solver states are not supported (use .solverstate)")
         state = io.read_solverstate(path)
         self.iter = state.iter
+        self._last_snapshot = str(path)
         if state.HasField("learned_net"):
             model = Path(state.learned_net)
             if not model.exists() and (path.parent / model.name).exists():
