@@ -1,1 +1,1 @@
-"""The builder half: NetSpec-style layer construction and the model zoo (see DESIGN.md)."""
+"""The builder half: NetSpec-style layer construction and the model zoo (see docs/architecture.md)."""

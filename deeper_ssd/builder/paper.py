@@ -1,6 +1,6 @@
 """The Deeper SSD paper's Tables 1, 4 and 6 beside the nets this project builds.
 
-The transcriptions follow shared/reference/deeper-ssd-tables.md. Every comparison is computed
+The tables are transcribed from the paper as printed. Every comparison is computed
 from static shapes of the built feature nets (``SSDModel.feature_net``); each cell that
 disagrees carries a note saying why the built net differs (docs/errata.md has the full text).
 """
