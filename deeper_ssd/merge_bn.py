@@ -184,14 +184,15 @@ def merge_bn(deploy: caffe_pb2.NetParameter, weights: caffe_pb2.NetParameter,
 def max_relative_difference(deploy_a: caffe_pb2.NetParameter, weights_a: caffe_pb2.NetParameter,
                             deploy_b: caffe_pb2.NetParameter, weights_b: caffe_pb2.NetParameter,
                             seed: int = 0) -> Dict[str, float]:
-    """Run both nets on one random input (uniform in [-1, 1]) and return ``max |a - b| / max |a|``
+    """Run both nets on one random image-like input (uniform in [-128, 128), a mean-subtracted
+    image) and return ``max |a - b| / max |a|``
     for every output blob both have and, in place of DetectionOutput's detections (NMS ties may
     reorder them), for that layer's inputs."""
     nets = [Net(d, "TEST", device="cpu", seed=seed) for d in (deploy_a, deploy_b)]
     for net, weights in zip(nets, (weights_a, weights_b)):
         net.load_caffemodel(weights)
     data = {name: torch.from_numpy(np.random.default_rng(seed).uniform(
-        -1, 1, nets[0].blob_shapes[name]).astype(np.float32)) for name in nets[0].inputs}
+        -128, 128, nets[0].blob_shapes[name]).astype(np.float32)) for name in nets[0].inputs}
     with torch.no_grad():
         for net in nets:
             net(keep_blobs=True, **data)

@@ -174,9 +174,9 @@ def _cases(rng):
         (layer("MVN", "mvn_param { across_channels: true eps: 0.5 }"), [r(2, 3, 3, 3)], [], "caffe"),
         (layer("MVN", "mvn_param { normalize_variance: false }"), [r(2, 3, 2, 3)], [], "exact"),
         (layer("MVN", "mvn_param { normalize_variance: false across_channels: true }"), [r(2, 2, 3)], [], "exact"),
-        (layer("Embed", "embed_param { num_output: 3 input_dim: 5 } propagate_down: false"),
+        (layer("Embed", "embed_param { num_output: 3 input_dim: 5 } propagate_down: false loss_weight: 1"),
          [rng.integers(0, 5, (2, 4)).astype(float)], [r(5, 3), r(3)], "exact"),
-        (layer("Embed", "embed_param { num_output: 2 input_dim: 4 bias_term: false } propagate_down: false"),
+        (layer("Embed", "embed_param { num_output: 2 input_dim: 4 bias_term: false } propagate_down: false loss_weight: 1"),
          [np.array([[3.0, 0.0, 3.0]])], [r(4, 2)], "exact"),
         (layer("Threshold", "threshold_param { threshold: 0.3 }"), [r(2, 3)], [], None),
         (layer("ArgMax", "argmax_param { top_k: 2 out_max_val: true }"), [r(2, 3, 2, 2)], [], None),
@@ -227,7 +227,8 @@ def test_bvlc_layers_match_caffe(oracle):
     cases = []
     for text, bottoms, blobs, backward in _cases(rng):
         tops = run_ours(text, bottoms, blobs)["tops"]
-        cases.append(dict(text=text, bottoms=bottoms, blobs=blobs,
+        # Embed refuses force_backward; its loss_weight makes Caffe back-propagate to its blobs
+        cases.append(dict(text=text, bottoms=bottoms, blobs=blobs, force_backward="propagate_down" not in text,
                           top_grads=[rng.standard_normal(t.shape) for t in tops] if backward else None))
     for case, theirs in zip(cases, run_caffe_cases(oracle, cases)):
         ours = run_ours(case["text"], case["bottoms"], case["blobs"], case["top_grads"])

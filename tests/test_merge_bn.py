@@ -43,27 +43,37 @@ layer { name: "cat_bn" type: "BatchNorm" bottom: "cat" top: "cat" }
 
 
 def _randomise(deploy: caffe_pb2.NetParameter, seed: int) -> caffe_pb2.NetParameter:
-    """Filler weights, random Scale/Bias/convolution biases, and BatchNorm statistics of one
-    TRAIN forward on an image-like input (so activations stay normalised, as in a trained net;
-    variance + 0.5), stored with a moving-average weight other than 1 (so the factor matters)."""
+    """Random weights (He-normal convolutions, random Scale/Bias/convolution biases) and BatchNorm
+    statistics of one TRAIN forward on an image-like input, so activations stay normalised as in
+    a trained net (variance + 0.5; a layer with fixed global statistics gets random ones), stored
+    with a moving-average weight other than 1 (so the factor matters)."""
     rng = np.random.default_rng(seed)
     net = Net(deploy, "TRAIN", seed=seed)
+    fill = lambda blob, values: blob.copy_(torch.from_numpy(values))
     with torch.no_grad():
         for layer in net.layers:
             blobs = layer.blobs
+            if layer.caffe_type in ("Convolution", "Deconvolution"):
+                fan_in = blobs[0][0].numel() if layer.caffe_type == "Convolution" else blobs[0].shape[0] // layer.group
+                fill(blobs[0], rng.normal(0, np.sqrt(2.0 / fan_in), blobs[0].shape))
             if layer.caffe_type in ("Scale", "Bias") or (layer.caffe_type in ("Convolution", "Deconvolution")
                                                          and len(blobs) > 1):
-                blobs[-1].copy_(torch.from_numpy(rng.normal(0, 0.3, blobs[-1].shape)))
-                if layer.caffe_type == "Scale":
-                    blobs[0].copy_(torch.from_numpy(rng.uniform(0.5, 1.5, blobs[0].shape)))
+                fill(blobs[-1], rng.normal(0, 0.3, blobs[-1].shape))
+            if layer.caffe_type == "Scale":
+                fill(blobs[0], rng.uniform(0.5, 1.5, blobs[0].shape))
         data = net.inputs[0]
         net(**{data: torch.from_numpy(rng.uniform(-120, 130, net.blob_shapes[data]).astype(np.float32))})
         for layer in net.layers:
             if layer.caffe_type == "BatchNorm":
-                layer.blobs[1].add_(0.5)                     # no variance near 0 (1x1 maps, one image)
-                weight = rng.uniform(0.5, 4.0)               # each channel's mean and variance unchanged
+                mean, var, weight = layer.blobs
+                if float(weight) == 0:                           # use_global_stats: no update
+                    fill(mean, rng.normal(0, 0.5, mean.shape))
+                    fill(var, rng.uniform(0.2, 2.0, var.shape))
+                    weight.fill_(1.0)
+                var.add_(0.5 * weight)                           # no variance near 0 (1x1 maps, one image)
+                factor = rng.uniform(0.5, 4.0)                   # each channel's mean and variance unchanged
                 for blob in layer.blobs:
-                    blob.mul_(weight)
+                    blob.mul_(factor)
     return net.to_proto()
 
 
@@ -121,7 +131,7 @@ def test_depthwise_merged_files_give_the_unmerged_output_in_opencv(tmp_path):
     io.write_net(merged, tmp_path / "merged.prototxt")
     io.write_caffemodel(model, tmp_path / "merged.caffemodel")
     cv_net = cv2.dnn.readNetFromCaffe(str(tmp_path / "merged.prototxt"), str(tmp_path / "merged.caffemodel"))
-    x = np.random.default_rng(3).uniform(-1, 1, (2, 4, 9, 9)).astype(np.float32)
+    x = np.random.default_rng(3).uniform(-120, 130, (2, 4, 9, 9)).astype(np.float32)
     cv_net.setInput(x, "data")
     theirs = cv_net.forward()
     net = Net(deploy, "TEST")
@@ -139,10 +149,10 @@ def _opencv_agrees(merged, model, tmp_path):
 
 
 def test_merged_files_match_the_unmerged_net_in_caffe(oracle):
-    deploy = _net(_CONVS + _KEPT.replace("use_global_stats: false", "use_global_stats: true"))
+    deploy = _net(_CONVS + _KEPT.replace("batch_norm_param { use_global_stats: false }", ""))
     weights, merged, model, report = _merged(deploy, seed=4)
     assert "c1" in report.folded
-    x = np.random.default_rng(4).uniform(-1, 1, (2, 4, 9, 9)).astype(np.float32)
+    x = np.random.default_rng(4).uniform(-120, 130, (2, 4, 9, 9)).astype(np.float32)
     net = Net(deploy, "TEST")
     net.load_caffemodel(weights)
     with torch.no_grad():

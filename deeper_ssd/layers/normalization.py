@@ -76,7 +76,8 @@ class MVN(Layer):
     """Mean (and variance) normalisation over each item's values (``across_channels``) or each
     channel's ``H x W`` values: ``y = x - mean``, or with ``normalize_variance`` (default)
     ``(x - mean) / (std + eps)``, std biased, eps (default 1e-9) added after the square root as
-    Caffe does. Backward is Caffe's (``_CaffeMVNFunction``)."""
+    Caffe does. The top is 4-D as Caffe's (``N x C x H x W``, missing axes 1). Backward is
+    Caffe's (``_CaffeMVNFunction``)."""
 
     caffe_type = "MVN"
 
@@ -86,13 +87,14 @@ class MVN(Layer):
             raise ValueError(f"bottom must have 1 to 4 axes (Caffe's num/channels view), got {format_shape(shape)}")
         p = self.lp.mvn_param
         self.normalize_variance, self.eps = p.normalize_variance, p.eps
-        self.leading = 1 if p.across_channels or len(shape) == 1 else 2
-        return [shape]
+        self.top_shape = tuple(shape) + (1,) * (4 - len(shape))       # Caffe reshapes the top to 4-D
+        self.leading = 1 if p.across_channels else 2
+        return [self.top_shape]
 
     def forward(self, x):
-        rows = x.reshape(-1, math.prod(x.shape[self.leading:]))
+        rows = x.reshape(-1, math.prod(self.top_shape[self.leading:]))
         if self.normalize_variance:
             y = _CaffeMVNFunction.apply(rows, self.eps)
         else:
             y = rows - rows.mean(1, keepdim=True)
-        return y.reshape(x.shape)
+        return y.reshape((x.shape[0],) + self.top_shape[1:])

@@ -43,7 +43,9 @@ def run_caffe(oracle, text, bottoms, blobs=None, top_grads=None, phase="TEST"):
 
 
 def run_caffe_cases(oracle, cases):
-    """Several ``run_caffe`` cases in one oracle process (starting Caffe costs ~1 s)."""
+    """Several ``run_caffe`` cases in one oracle process (starting Caffe costs ~1 s). A case with
+    ``force_backward: False`` leaves it off (a layer that refuses a bottom gradient, e.g. Embed,
+    then back-propagates to its blobs only)."""
     files, specs = {}, []
     for c, case in enumerate(cases):
         lp = layer_param(case["text"])
@@ -51,7 +53,8 @@ def run_caffe_cases(oracle, cases):
             f'layer {{ name: "in_{name}" type: "Input" top: "{name}" '
             f'input_param {{ shape {{ {" ".join(f"dim: {d}" for d in np.shape(b))} }} }} }}'
             for name, b in zip(lp.bottom, case["bottoms"]))
-        files[f"net{c}.prototxt"] = f'name: "h"\nforce_backward: true\n{inputs}\nlayer {{\n{case["text"]}\n}}\n'
+        force = "true" if case.get("force_backward", True) else "false"
+        files[f"net{c}.prototxt"] = f'name: "h"\nforce_backward: {force}\n{inputs}\nlayer {{\n{case["text"]}\n}}\n'
         for kind, arrays in (("bottom", case["bottoms"]), ("blob", case.get("blobs") or []),
                              ("grad", case.get("top_grads") or [])):
             for i, array in enumerate(arrays):
