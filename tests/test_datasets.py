@@ -399,3 +399,25 @@ def test_zoo_models_read_what_create_list_and_create_data_write(name, label_map,
     assert {"DGFE", "DifferenceMap", "MSELoss"} <= types                  # --head srtod, committed
     srtod_loss = [l for l in committed.layer if l.type == "MultiBoxLoss"][0].multibox_loss_param
     assert srtod_loss.num_classes == classes and not srtod_loss.use_difficult_gt
+
+
+def test_voc_folder_pair_with_non_ascii_names_and_an_image_without_objects(tmp_path):
+    root = tmp_path / "drone"
+    write_image(root / "val" / "Images" / "über_δ.jpg", 40, 50)
+    write_image(root / "val" / "Images" / "nothing.jpg", 20, 20)
+    (root / "val" / "Labels").mkdir(parents=True)
+    (root / "val" / "Labels" / "über_δ.xml").write_text(
+        "<annotation><size><width>50</width><height>40</height></size><object><name>drone</name>"
+        "<difficult>1</difficult><bndbox><xmin>3</xmin><ymin>4</ymin><xmax>13</xmax><ymax>24</ymax>"
+        "</bndbox></object></annotation>", encoding="utf-8")
+    (root / "val" / "Labels" / "nothing.xml").write_text(
+        "<annotation><size><width>20</width><height>20</height></size></annotation>")
+    lists.create_lists(root, tmp_path / "out", "folders", [], ["val"])
+    report = build_annoset(root, tmp_path / "out" / "test.txt", tmp_path / "db",
+                           detection("xml", REPO / "data" / "labelmap_drone.prototxt"))
+    assert report.written == 2 and report.objects == 1 and not report.warnings
+    (k0, a0), (k1, a1) = records(tmp_path / "db")
+    assert (k0, k1) == ("00000000_val/Images/nothing.jpg", "00000001_val/Images/über_δ.jpg")
+    assert a0.type == caffe_pb2.AnnotatedDatum.BBOX and not len(a0.annotation_group)
+    assert objects(a1) == [(1, 0, True, norm(3, 50), norm(4, 40), norm(13, 50), norm(24, 40))]
+    assert (tmp_path / "out" / "test_name_size.txt").read_text(encoding="utf-8") == "nothing 20 20\nüber_δ 40 50\n"
