@@ -10,8 +10,7 @@ import sys
 from typing import Callable, Dict, List, Optional
 
 from . import io
-from .layers import LayerError
-from .pipelines import UsageError, checked_build as _checked
+from .errors import LayerError, UsageError
 from .proto import caffe_pb2
 
 __all__ = ["main", "UsageError"]
@@ -27,6 +26,13 @@ def command(name: str, help: str, arguments: Callable[[argparse.ArgumentParser],
         _COMMANDS[name] = (fn, help, arguments)
         return fn
     return wrap
+
+
+def _checked(model, build: Callable):
+    """:func:`deeper_ssd.pipelines.checked_build` (imported when a command runs: building the
+    parser and ``--help`` import no torch)."""
+    from .pipelines import checked_build
+    return checked_build(model, build)
 
 
 def _shape_arg(text: str):
@@ -96,7 +102,7 @@ def cmd_detect(args) -> int:
     except ValueError:
         raise UsageError(f"--mean {args.mean!r}: give comma-separated numbers") from None
     results, report = pipelines.detect(args.model, args.weights, args.images, args.labelmap, args.out,
-                                       args.threshold, mean, args.scale, args.device)
+                                       args.threshold, mean, args.scale, args.device, note=_note)
     for path, dets in zip(args.images, results):
         print(f"{path}: {len(dets)} detection(s)" + "".join(
             f"\n  {d.name} {d.score:.3f} [{d.xmin:.0f}, {d.ymin:.0f}, {d.xmax:.0f}, {d.ymax:.0f}]" for d in dets))
@@ -120,7 +126,7 @@ def _diffmap_arguments(p: argparse.ArgumentParser) -> None:
          "side by side (the paper's Fig. 1)", _diffmap_arguments)
 def cmd_diffmap(args) -> int:
     from . import pipelines
-    pipelines.diffmap(args.model, args.weights, args.images, args.out, args.device, echo=print)
+    pipelines.diffmap(args.model, args.weights, args.images, args.out, args.device, echo=print, note=_note)
     return 0
 
 
@@ -371,13 +377,13 @@ def _with_head(model, args):
             raise UsageError("--srtod-source and --head-set need --head")
         return model
     import dataclasses
-    from .builder import heads
+    from .builder import heads, settings as checks
     kind, attach = {"srtod": (heads.SRTOD, heads.with_srtod),
                     "zoomin": (heads.ZoomIn, heads.with_zoomin)}[args.head]
     if args.srtod_source and args.head != "srtod":
         raise UsageError("--srtod-source needs --head srtod")
     try:
-        return attach(model, kind(**settings))
+        return attach(model, kind(**checks.check(settings, checks.hints(kind))))
     except TypeError:
         known = ", ".join(f.name for f in dataclasses.fields(kind))
         raise UsageError(f"--head-set {', '.join(settings)}: {kind.__name__} settings are {known}") from None
@@ -399,8 +405,9 @@ def cmd_generate(args) -> int:
     from .builder import zoo
     if args.all == bool(args.models):
         raise UsageError("name models or give --all")
-    for name in zoo.names() if args.all else args.models:
-        model = _with_head(_zoo_model(name, args.settings), args)
+    models = [_with_head(_zoo_model(name, args.settings), args)     # every name and setting
+              for name in (zoo.names() if args.all else args.models)]  # checked before writing
+    for model in models:
         paths = _checked(model, lambda m: _write_model(m, args.out))
         for folder in dict.fromkeys(path.parent for path in paths):      # ZoomInNet: two folders
             stems = ",".join(path.stem for path in paths if path.parent == folder)
@@ -474,6 +481,8 @@ def cmd_draw(args) -> int:
         net = io.read_net(args.net)
     try:
         print(draw.draw(net, args.out, args.phase, args.rankdir))
+    except LayerError as err:                          # shapes that fail: nothing drawn
+        raise UsageError(f"{args.net}: {err}") from None
     except (OSError, ValueError) as err:
         raise UsageError(f"{args.out}: {err}") from None
     return 0
@@ -498,6 +507,9 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
                    help="on SIGINT/Ctrl-C (default stop: snapshot, then stop)")
     p.add_argument("--sighup-effect", choices=("stop", "snapshot", "none"), default="snapshot",
                    help="on SIGHUP (default snapshot and continue)")
+    p.add_argument("--sigterm-effect", choices=("stop", "snapshot", "none"), default="stop",
+                   help="on SIGTERM, what cluster schedulers send before preemption (default stop: "
+                   "snapshot, then stop)")
     p.add_argument("--channels-last", action="store_true", help="channels-last memory for the "
                    "nets (faster convolutions on CPU for thin, high-resolution layers)")
     p.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
@@ -518,7 +530,8 @@ def cmd_train(args) -> int:
         pipelines.train(args.solver, [w for w in (args.weights or "").split(",") if w], args.snapshot,
                         device=args.device, gpus=gpus, workers=args.workers, log=args.log,
                         sigint_effect=args.sigint_effect, sighup_effect=args.sighup_effect,
-                        channels_last=args.channels_last, progress=not args.no_progress)
+                        sigterm_effect=args.sigterm_effect, channels_last=args.channels_last,
+                        progress=not args.no_progress)
     except pipelines.TrainingProcessError as err:
         print(f"deeper-ssd train: a training process failed: {err}", file=sys.stderr)
         return 1

@@ -11,13 +11,15 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Union
+from typing import TYPE_CHECKING, Union
 
-import numpy as np
 from google.protobuf import message as _pb_message
 from google.protobuf import text_format
 
 from .proto import caffe_pb2
+
+if TYPE_CHECKING:
+    import numpy as np
 
 PathLike = Union[str, os.PathLike]
 
@@ -248,6 +250,7 @@ def blob_shape(blob: caffe_pb2.BlobProto) -> tuple:
 
 def blob_to_array(blob: caffe_pb2.BlobProto, diff: bool = False) -> np.ndarray:
     """BlobProto -> numpy array (float64 when double_data/double_diff is used, else float32)."""
+    import numpy as np                       # here: the command line's --help imports io, not numpy
     shape = blob_shape(blob)
     doubles = blob.double_diff if diff else blob.double_data
     values = np.asarray(doubles, dtype=np.float64) if len(doubles) else \
@@ -260,6 +263,7 @@ def blob_to_array(blob: caffe_pb2.BlobProto, diff: bool = False) -> np.ndarray:
 
 def array_to_blob(array, diff=None) -> caffe_pb2.BlobProto:
     """numpy array (or torch tensor) -> BlobProto with ``shape`` and packed float32 ``data``."""
+    import numpy as np
     array = np.asarray(_to_numpy(array), dtype=np.float32)
     blob = caffe_pb2.BlobProto()
     blob.shape.dim.extend(array.shape)

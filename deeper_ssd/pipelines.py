@@ -30,6 +30,7 @@ import torch
 from . import detect as detection
 from . import diffmap as srtod
 from . import io
+from .errors import UsageError
 from .eval import evaluate as ev
 from .layers import LayerError
 from .diffmap import SRTODView
@@ -44,10 +45,6 @@ __all__ = ["UsageError", "TrainingProcessError", "train", "test", "format_test_r
 
 Echo = Optional[Callable[[str], None]]
 PathLike = Union[str, Path]
-
-
-class UsageError(Exception):
-    """Bad input from the user: one line; the command line prints it and exits with status 2."""
 
 
 class TrainingProcessError(RuntimeError):
@@ -82,7 +79,23 @@ def checked_build(model, build: Callable):
     except LayerError:
         raise
     except ValueError as err:
-        raise UsageError(f"{model.name}: {err}") from None
+        message = str(err)
+        raise UsageError(message if message.startswith(f"{model.name}:") else f"{model.name}: {message}") from None
+
+
+def torch_device(spec) -> torch.device:
+    """``cpu``, ``cuda`` or ``cuda:N`` as a torch device; UsageError for a malformed name or a
+    CUDA device this machine does not have."""
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, TypeError, ValueError):
+        raise UsageError(f"device {spec!r}: give cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise UsageError(f"device {spec!r}: " + (f"this machine has {count} CUDA device(s)" if count
+                             else "CUDA is not available here (no GPU visible, or torch built without CUDA)"))
+    return device
 
 
 # ---------------------------------------------------------------------------------------------
@@ -91,7 +104,8 @@ def checked_build(model, build: Callable):
 def train(solver: PathLike, weights: Union[PathLike, Sequence[PathLike]] = (), snapshot: Optional[PathLike] = None, *,
           device=None, gpus: Sequence[int] = (), workers: Optional[int] = None,
           log: Optional[PathLike] = None, sigint_effect: str = "stop", sighup_effect: str = "snapshot",
-          channels_last: bool = False, progress: bool = True, seed: Optional[int] = None) -> Optional[Solver]:
+          sigterm_effect: str = "stop", channels_last: bool = False, progress: bool = True,
+          seed: Optional[int] = None) -> Optional[Solver]:
     """``deeper-ssd train``: train the solver prototxt ``solver`` with tests and snapshots as
     Caffe's ``caffe train``; returns the :class:`deeper_ssd.solver.Solver` after training (its
     data workers stopped), None with ``gpus``.
@@ -101,7 +115,7 @@ def train(solver: PathLike, weights: Union[PathLike, Sequence[PathLike]] = (), s
     ``device``: cpu, cuda or cuda:N (default: the solver's solver_mode); ``gpus``: GPU ids, one
     training process each (gradients averaged); ``workers``: data worker processes of the train
     data layers; ``log``: file the log is appended to (default ``<snapshot_prefix>.log``);
-    ``sigint_effect`` / ``sighup_effect``: stop, snapshot or none; ``channels_last``: NHWC
+    ``sigint_effect`` / ``sighup_effect`` / ``sigterm_effect``: stop, snapshot or none; ``channels_last``: NHWC
     memory for the nets; ``progress``: the progress line on stderr; ``seed``: overrides the
     solver's random_seed. Under torchrun (its environment variables set) this process is one
     rank of a multi-process run. Raises :class:`deeper_ssd.solver.NonFiniteError` when a
@@ -111,8 +125,13 @@ def train(solver: PathLike, weights: Union[PathLike, Sequence[PathLike]] = (), s
     weights = [str(weights)] if isinstance(weights, (str, Path)) else [str(w) for w in weights]
     if weights and snapshot:
         raise UsageError("give --snapshot to resume training or --weights to fine-tune, not both")
+    if device is not None:
+        torch_device(device)
+    for index in gpus:
+        torch_device(f"cuda:{index}")
     options = dict(solver=str(solver), weights=weights, snapshot=snapshot, device=device,
                    workers=workers, log=log, sigint_effect=sigint_effect, sighup_effect=sighup_effect,
+                   sigterm_effect=sigterm_effect,
                    channels_last=channels_last, progress=progress, seed=seed)
     if gpus:
         try:
@@ -134,8 +153,6 @@ def _train_process(param, options: dict, comm=None, device=None) -> Solver:
         param.random_seed = options["seed"]
     root = comm is None or comm.rank == 0
     log_path = options["log"] or (param.snapshot_prefix + ".log")
-    if root:
-        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
     console = Console(log_path if root else None, progress=options["progress"], every=param.display or 10)
     try:
         solver = Solver(param, base_dir=Path(options["solver"]).resolve().parent,
@@ -149,7 +166,8 @@ def _train_process(param, options: dict, comm=None, device=None) -> Solver:
                                                        if param.random_seed < 0 else ""))
         if options["weights"]:
             solver.load_weights(options["weights"])
-        with SignalActions(options["sigint_effect"], options["sighup_effect"]) as signals:
+        with SignalActions(options["sigint_effect"], options["sighup_effect"],
+                           options["sigterm_effect"]) as signals:
             solver.solve(options["snapshot"], signals=signals)
     finally:
         solver.close()
@@ -181,8 +199,7 @@ def test(model: PathLike, weights: PathLike, out: PathLike = "runs/test", iterat
     results.json files) into ``out``. Returns the JSON dict: mAP (``ap_version``), mAP of every
     AP version, per-class and per-size AP, PR curves, detection speed. ``echo`` receives the
     report (:func:`format_test_report`) and the files written, ``note`` non-fatal notes."""
-    net = Net.from_prototxt(model, "TEST", device=torch.device(device))
-    net.load_caffemodel(weights)
+    net = _trained_net(model, weights, device, note)
     if channels_last:
         use_channels_last(net)
     if workers is not None:
@@ -327,9 +344,14 @@ def demo(solver: Optional[PathLike] = None, seed: int = 0, out: PathLike = "runs
 # ---------------------------------------------------------------------------------------------
 # detect and diffmap: deploy nets on image files
 
-def _deploy_net(model: PathLike, weights: PathLike, device) -> Net:
-    net = Net.from_prototxt(model, "TEST", device=torch.device(device))
-    net.load_caffemodel(weights)
+def _trained_net(model: PathLike, weights: PathLike, device, note: Echo = None) -> Net:
+    """The TEST net of ``model`` with ``weights`` (which must fill at least one layer; layers
+    left at their fillers are noted)."""
+    net = Net.from_prototxt(model, "TEST", device=torch_device(device))
+    missing = net.load_trained(weights)
+    if missing:
+        _say(note, f"{weights} has no weights for {len(missing)} layer(s) of {model} "
+                   f"({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}): they keep their fillers")
     return net
 
 
@@ -342,28 +364,31 @@ def _read_image(path: PathLike):
 
 def detect(model: PathLike, weights: PathLike, images: Sequence[PathLike], labelmap: Optional[PathLike] = None,
            out: PathLike = "detections", threshold: float = 0.5, mean: Sequence[float] = (104.0, 117.0, 123.0),
-           scale: float = 1.0, device="cpu") -> Tuple[List[list], Path]:
+           scale: float = 1.0, device="cpu", note: Echo = None) -> Tuple[List[list], Path]:
     """``deeper-ssd detect``: run the deploy net ``model`` (with a DetectionOutput layer) on
     image files; write ``<stem>_detections.jpg`` per image and ``detections.json`` into ``out``.
     ``mean`` (BGR) is subtracted and the result multiplied by ``scale``; detections scoring at
     least ``threshold`` are kept. Returns one list of :class:`deeper_ssd.detect.Detection`
-    (pixels of the original image) per image and the path of detections.json."""
-    net = _deploy_net(model, weights, device)
+    (pixels of the original image) per image and the path of detections.json. ``note`` receives
+    warnings: layers the weights leave at their fillers, non-finite detections dropped."""
+    net = _trained_net(model, weights, device, note)
     labels = {item.label: item.display_name or item.name
               for item in io.read_labelmap(labelmap).item} if labelmap else None
     pixels = [_read_image(path) for path in images]
-    results = detection.detect(net, pixels, labels, list(mean), scale, threshold)
+    results = detection.detect(net, pixels, labels, list(mean), scale, threshold,
+                               warn=note or (lambda line: None))
     report = detection.write_outputs([Path(p) for p in images], pixels, results, Path(out))
     return results, report
 
 
 def diffmap(model: PathLike, weights: PathLike, images: Sequence[PathLike], out: PathLike = "diffmap",
-            device="cpu", echo: Echo = None) -> List[Tuple[SRTODView, Dict[str, Path]]]:
+            device="cpu", echo: Echo = None, note: Echo = None) -> List[Tuple[SRTODView, Dict[str, Path]]]:
     """``deeper-ssd diffmap``: SR-TOD's view of image files through a deploy net with the SR-TOD
     head: reconstruction, difference map and mask, written as PNGs (and side by side) into
     ``out``. Returns, per image, its :class:`deeper_ssd.diffmap.SRTODView` and the paths
-    written (``side_by_side`` among them); ``echo`` receives one line per image as it is done."""
-    net = _deploy_net(model, weights, device)
+    written (``side_by_side`` among them); ``echo`` receives one line per image as it is done,
+    ``note`` the layers the weights leave at their fillers."""
+    net = _trained_net(model, weights, device, note)
     views = []
     for path in images:
         try:

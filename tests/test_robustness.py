@@ -1,5 +1,6 @@
 """Bad input gets one clear line and exit status 2, never a traceback or a half-written result;
 one test per failure class (readers, create-data, settings, generate, draw, detect, train)."""
+import math
 import os
 import shutil
 import stat
@@ -109,3 +110,194 @@ def test_truncated_jpeg_in_a_list_names_the_entry(voc_root, capfd):
     assert [line for line in err.splitlines() if "bad.jpg" in line and "truncated" in line]
     code = cli.main(["data-info", str(voc_root / "db")])
     assert "1 record" in capfd.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------
+# generate --set / --head-set, generate's names, draw, a solver without its net
+
+@pytest.mark.parametrize("setting, expected", [
+    ("input_size=abc", "expects an integer >= 1"),
+    ("width=abc", "expects a number > 0"),
+    ("aspect_ratios=3", "expects a tuple ((number, ...), ...) or None"),
+    ("steps=abc", "expects a tuple (number, ...) or None"),
+    ("batch_size=0", "expects an integer >= 1"),
+    ("bn_moving_average_fraction=1", "< 1"),
+])
+def test_generate_checks_each_setting_against_its_type_and_range(tmp_path, capsys, setting, expected):
+    code, out, err = run(capsys, "generate", "ssd300", "--set", setting, "--out", tmp_path / "p")
+    line = one_line_error(code, err, setting.split("=")[0], expected)
+    assert line.count("ssd300") == 1, line
+    assert not (tmp_path / "p").exists()
+
+
+def test_generate_checks_head_settings(tmp_path, capsys):
+    code, out, err = run(capsys, "generate", "ssd300", "--head", "srtod", "--head-set", "ste_width=abc",
+                         "--out", tmp_path / "p")
+    one_line_error(code, err, "ste_width", "expects a number > 0")
+    assert not (tmp_path / "p").exists()
+
+
+def test_generate_checks_every_name_before_writing(tmp_path, capsys):
+    code, out, err = run(capsys, "generate", "ssd300", "ssd301", "--out", tmp_path / "p")
+    one_line_error(code, err, "ssd301")
+    assert not (tmp_path / "p").exists()
+
+
+def test_a_model_error_names_the_model_once(tmp_path, capsys):
+    code, out, err = run(capsys, "generate", "ssd300", "--set", "steps=(8, 16)", "--out", tmp_path / "p")
+    line = one_line_error(code, err, "2 steps for 6 prediction layers")
+    assert line.count("ssd300") == 1, line
+
+
+def test_draw_refuses_a_net_whose_shapes_fail(tmp_path, capsys):
+    net = tmp_path / "bad.prototxt"
+    net.write_text(TINY_NET.replace("kernel_size: 3", "kernel_size: 11"))
+    code, out, err = run(capsys, "draw", net, tmp_path / "bad.png")
+    one_line_error(code, err, "bad.prototxt", "layer 'conv'", "too small")
+    assert not (tmp_path / "bad.png").exists()
+
+
+def test_a_solver_whose_net_is_missing_leaves_no_log(tmp_path, capsys):
+    solver = tmp_path / "solver.prototxt"
+    solver.write_text(f'net: "{tmp_path}/nothere.prototxt"\nbase_lr: 0.1\nmax_iter: 1\n'
+                      f'snapshot_prefix: "{tmp_path}/run/snap"\n')
+    code, out, err = run(capsys, "train", "--solver", solver)
+    one_line_error(code, err, "nothere.prototxt")
+    assert not (tmp_path / "run").exists() or not list((tmp_path / "run").iterdir())
+    assert not list(tmp_path.glob("**/*.log"))
+
+
+# ---------------------------------------------------------------------------------------------
+# detect: non-finite detections, weights that fit no layer, no output folder on failure
+
+@pytest.fixture(scope="module")
+def deploy(tmp_path_factory):
+    """The tiny SSD as a deploy net (64x64 Input, BatchNorm) and its freshly filled weights
+    (BatchNorm statistics all zero: the boxes come out infinite)."""
+    from support.tiny_ssd import tiny_net
+    from deeper_ssd.net import Net
+    folder = tmp_path_factory.mktemp("deploy")
+    net = io.parse_text(tiny_net("TEST", "unused", "unused", batch=1), caffe_pb2.NetParameter())
+    layers = [lp for lp in net.layer if lp.type not in ("AnnotatedData", "DetectionEvaluate")]
+    del net.layer[:]
+    net.layer.add(name="data", type="Input", top=["data"]).input_param.shape.add().dim.extend([1, 3, 64, 64])
+    net.layer.extend(layers)
+    io.write_net(net, folder / "deploy.prototxt")
+    Net.from_prototxt(folder / "deploy.prototxt").save_caffemodel(folder / "fresh.caffemodel")
+    other = io.parse_text(TINY_NET, caffe_pb2.NetParameter())
+    Net(other).save_caffemodel(folder / "other.caffemodel")
+    return folder
+
+
+def test_detect_drops_non_finite_detections_with_a_count(deploy, tmp_path, capsys):
+    import json
+    code, out, err = run(capsys, "detect", FIXTURES / "voc_dining.jpg", "--model", deploy / "deploy.prototxt",
+                         "--weights", deploy / "fresh.caffemodel", "--out", tmp_path / "det",
+                         "--threshold", "0")
+    assert code == 0, err
+    warning = [line for line in err.splitlines() if "non-finite" in line]
+    assert len(warning) == 1 and "dropped" in warning[0] and int(warning[0].split()[1]) > 0, err
+    [report] = json.loads((tmp_path / "det" / "detections.json").read_text())
+    assert all(all(map(math.isfinite, (d["score"], d["xmin"], d["ymin"], d["xmax"], d["ymax"])))
+               for d in report["detections"])
+
+
+def test_detect_refuses_weights_that_match_no_layer(deploy, tmp_path, capsys):
+    code, out, err = run(capsys, "detect", FIXTURES / "voc_dining.jpg", "--model", deploy / "deploy.prototxt",
+                         "--weights", deploy / "other.caffemodel", "--out", tmp_path / "det")
+    one_line_error(code, err, "other.caffemodel", "no layer of the file matches", "conv")
+    assert not (tmp_path / "det").exists()
+
+
+def test_detect_leaves_no_output_folder_when_writing_fails(deploy, tmp_path, monkeypatch):
+    import numpy as np
+    from deeper_ssd import detect
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+    monkeypatch.setattr(detect, "draw", broken)
+    image = np.zeros((8, 8, 3), np.uint8)
+    with pytest.raises(OSError):
+        detect.write_outputs([Path("a.jpg")], [image], [[]], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Caffe's spellings, help without torch
+
+REPO = FIXTURES.parent.parent
+
+
+@pytest.mark.parametrize("argv, command, expected", [
+    (["-solver", "s.prototxt", "-weights", "w.caffemodel", "-snapshot", "x.solverstate"], "train",
+     ["--solver", "s.prototxt", "--weights", "w.caffemodel", "--snapshot", "x.solverstate"]),
+    (["-solver=s.prototxt", "--weights=a,b", "-gpu", "0,1", "-sigint_effect", "snapshot"], "train",
+     ["--solver=s.prototxt", "--weights=a,b", "--gpus", "0,1", "--sigint-effect", "snapshot"]),
+    (["--solver", "s.prototxt", "-gpu=1"], "train", ["--solver", "s.prototxt", "--device", "cuda:1"]),
+    (["-model", "t.prototxt", "-weights", "w", "-iterations", "5", "-gpu", "0,1"], "test",
+     ["--model", "t.prototxt", "--weights", "w", "--iterations", "5", "--device", "cuda:0"]),
+    (["-h"], "test", ["-h"]),
+])
+def test_gflags_spellings_become_ours(argv, command, expected):
+    from deeper_ssd.caffe_flags import translate
+    assert translate(argv, command) == expected
+
+
+def test_gpu_all_means_every_visible_gpu(monkeypatch):
+    import torch
+    from deeper_ssd.caffe_flags import translate
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    assert translate(["-solver", "s", "-gpu", "all"], "train") == ["--solver", "s", "--gpus", "0,1,2"]
+    assert translate(["-gpu=all"], "test") == ["--device", "cuda:0"]
+
+
+@pytest.mark.parametrize("tool, argv, needle", [
+    ("train.py", ["-solver", "nothere_solver.prototxt"], "nothere_solver.prototxt"),
+    ("test.py", ["-model", "nothere_test.prototxt", "-weights=w.caffemodel", "-iterations", "2"],
+     "nothere_test.prototxt"),
+])
+def test_tools_accept_caffe_spellings(tmp_path, tool, argv, needle):
+    import subprocess
+    import sys
+    result = subprocess.run([sys.executable, str(REPO / "tools" / tool), *argv], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300)
+    one_line_error(result.returncode, result.stderr, needle, "cannot read")
+
+
+def test_help_does_not_import_torch():
+    import subprocess
+    import sys
+    code = ("import sys, contextlib, io\n"
+            "from deeper_ssd import cli\n"
+            "for argv in ([], ['train'], ['detect'], ['generate'], ['sizes']):\n"
+            "    with contextlib.redirect_stdout(io.StringIO()):\n"
+            "        try:\n"
+            "            cli.main(argv + ['--help'])\n"
+            "        except SystemExit as stop:\n"
+            "            assert stop.code == 0, argv\n"
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))[:3])\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]", result.stdout
+
+
+def test_test_refuses_weights_that_match_no_layer(deploy, tmp_path, capsys):
+    from support.tiny_ssd import tiny_net
+    net = tmp_path / "test.prototxt"
+    net.write_text(tiny_net("TEST", str(tmp_path / "no_lmdb"), str(tmp_path / "no_labelmap"), batch=1))
+    code, out, err = run(capsys, "test", "--model", net, "--weights", deploy / "other.caffemodel",
+                         "--out", tmp_path / "results")
+    one_line_error(code, err, "other.caffemodel", "no layer of the file matches", "conv1")
+    assert not (tmp_path / "results").exists()
+
+
+def test_a_cuda_device_this_machine_lacks_is_one_line(deploy, tmp_path, capsys):
+    code, out, err = run(capsys, "detect", FIXTURES / "voc_dining.jpg", "--model", deploy / "deploy.prototxt",
+                         "--weights", deploy / "fresh.caffemodel", "--out", tmp_path / "det",
+                         "--device", "cuda:99")
+    one_line_error(code, err, "cuda:99")
+    code, out, err = run(capsys, "detect", FIXTURES / "voc_dining.jpg", "--model", deploy / "deploy.prototxt",
+                         "--weights", deploy / "fresh.caffemodel", "--device", "gpu0")
+    one_line_error(code, err, "gpu0", "cpu, cuda or cuda:N")
+    assert not (tmp_path / "det").exists()

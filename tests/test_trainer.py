@@ -332,3 +332,18 @@ def test_sigterm_snapshots_then_stops_by_default(tiny, tmp_path):
         signal.signal(signal.SIGTERM, fallback)
     assert solver.iter == 3 and log[-1] == "Optimization stopped early."
     assert (tmp_path / "term_iter_3.solverstate").is_file()
+
+
+def test_weights_that_match_no_layer_are_a_warning_naming_both_sides(tiny, tmp_path):
+    other = io.parse_text('layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 '
+                          'dim: 3 dim: 8 dim: 8 } } }\nlayer { name: "stranger" type: "Convolution" '
+                          'bottom: "data" top: "x" convolution_param { num_output: 2 kernel_size: 3 } }',
+                          io.caffe_pb2.NetParameter())
+    Net(other).save_caffemodel(tmp_path / "other.caffemodel")
+    lines = []
+    solver = Solver(solver_param(tiny, snapshot_prefix=str(tmp_path / "w")), log=lines.append)
+    solver.load_weights([str(tmp_path / "other.caffemodel")])
+    solver.close()
+    [line] = [line for line in lines if "Finetuning from" in line]
+    assert "0 layer(s) copied; Warning: no layer of the file matches" in line
+    assert "file layers: stranger" in line and "net layers: conv1, " in line

@@ -23,15 +23,12 @@ from typing import ClassVar, List, Optional, Sequence, Tuple
 
 import torch
 
+from ..errors import LayerError
 from ..proto import caffe_pb2
 
 Shape = Tuple[int, ...]
 
 __all__ = ["Layer", "LayerError", "Shape", "format_shape", "count", "canonical_axis"]
-
-
-class LayerError(ValueError):
-    """A layer's parameters or bottom shapes are invalid; the message names the layer."""
 
 
 def format_shape(shape: Sequence[int]) -> str:

@@ -16,7 +16,8 @@ class Console:
     terminal, printed every ``every`` updates otherwise; ``progress=False`` turns it off."""
 
     def __init__(self, log_path=None, progress: bool = True, every: int = 10):
-        self.file = open(log_path, "a", buffering=1) if log_path else None
+        self.path = log_path                  # opened (folder made) at the first line: a run
+        self.file = None                      # that fails before logging leaves no empty log
         self.tty = sys.stderr.isatty()
         self.progress_on = progress
         self.every = max(1, every)
@@ -26,6 +27,9 @@ class Console:
     def log(self, message: str) -> None:
         self._clear()
         print(message, flush=True)
+        if self.path and self.file is None:
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+            self.file = open(self.path, "a", buffering=1)
         if self.file is not None:
             now = datetime.datetime.now()
             self.file.write(f"I{now:%m%d %H:%M:%S.%f} {self._pid} deeper-ssd] {message}\n")
