@@ -15,6 +15,7 @@ from deeper_ssd.net import Net
 from deeper_ssd.opencv_check import OpenCVUnsupported, unsupported_layers
 from deeper_ssd.proto import caffe_pb2
 from deeper_ssd.builder import heads, zoo
+from deeper_ssd.builder.netspec import L, NetSpec
 from support import REPO
 from support.layers import build, run_ours
 from support.opencv import compare_with_opencv
@@ -271,8 +272,13 @@ def test_head_on_another_source_and_stride_four_needs_no_crop():
     rows = _rows(model)
     assert rows["up1_dgfe"].shapes == [(1, 1024, 63, 63)] and rows["up1_mbox_loc"].bottoms == ["up1_dgfe"]
     assert rows["srtod_up1_deconv"].shapes == [(1, 512, 126, 126)]
-    layers = heads.srtod_layers(heads.SRTOD(), "conv3_3", (1, 256, 125, 125), "data", (1, 3, 500, 500),
+    n = NetSpec()
+    n.data = L.Input(shape=dict(dim=[1, 3, 500, 500]))
+    n.conv3_3 = L.Input(shape=dict(dim=[1, 256, 125, 125]))
+    enhanced = heads.srtod_head(n, heads.SRTOD(), "conv3_3", n.conv3_3, (256, 125, 125), n.data, (500, 500),
                                 (104, 117, 123), 1.0, train=False)
+    assert enhanced is n.conv3_3_dgfe
+    layers = n.to_proto().layer
     names = [layer.name for layer in layers]
     assert "srtod_up3_deconv" not in names and "srtod_sigmoid" not in names
     assert [layer.type for layer in layers if layer.name == "srtod_recon"] == ["Sigmoid"]

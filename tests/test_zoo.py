@@ -381,3 +381,23 @@ def test_draw_writes_png_svg_and_dot(tmp_path, capsys):
     assert '"layer:down1_crop"' in dot and "1x256x23x23" in dot and "+ down1_relu (ReLU)" in dot
     assert cli.main(["draw", str(deploy), str(tmp_path / "net.svg"), "--rankdir", "LR"]) == 0
     assert b"<svg" in (tmp_path / "net.svg").read_bytes()[:400]
+
+
+@pytest.mark.parametrize("name", zoo.names())
+def test_models_hash_by_value(name):
+    model, again = zoo.get(name), zoo.get(name)
+    assert model == again and hash(model) == hash(again) and {model: name}[again] == name
+    other = model.replace(normalizations={**model.normalizations, "fc7": 10})
+    assert other != model and other.normalizations == {**model.normalizations, "fc7": 10}
+    assert other == model.replace(normalizations={**model.normalizations, "fc7": 10})
+    assert hash(other) == hash(model.replace(normalizations={**model.normalizations, "fc7": 10}))
+
+
+def test_head_models_hash_by_value():
+    srtod = lambda: heads.with_srtod(zoo.get("ssd300"), heads.SRTOD(channels=[8, 8, 8]))
+    assert srtod() == srtod() and hash(srtod()) == hash(srtod()) and srtod().head.channels == (8, 8, 8)
+    settings = lambda: heads.ZoomIn(pairs=[["fc7", "fc7"]], akdp={"std_mode": "POPULATION"})
+    zoomin = lambda: heads.with_zoomin(zoo.get("ssd300"), settings())
+    assert zoomin() == zoomin() and hash(zoomin()) == hash(zoomin())
+    assert settings().akdp == {"std_mode": "POPULATION"} and settings().pairs == (("fc7", "fc7"),)
+    assert zoomin() != heads.with_zoomin(zoo.get("ssd300"), heads.ZoomIn(akdp={"std_mode": "SAMPLE"}))

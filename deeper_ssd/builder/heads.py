@@ -1,9 +1,10 @@
-"""Heads attached to zoo models: SR-TOD (issue 8); ZoomInNet (issue 9) keeps its own section.
+"""Heads attached to zoo models, built in the model's own build pass (see
+:class:`~deeper_ssd.builder.ssd.SSDModel`: a head is a subclass that adds its layers through the
+build steps ``_input``, ``_attach``, ``multibox`` and ``_finish_train``).
 
-SR-TOD (Cao et al., ECCV 2024; shared/reference/heads-srtod-zoominnet.md A.6, option A) on an
-SSD-family model: the prediction source ``source`` (default ``conv4_3``) plays the paper's P2.
-Its head input ``F`` (``conv4_3_norm``: DGFE must follow Normalize, which would otherwise divide
-the spatial enhancement out) feeds
+SR-TOD (Cao et al., ECCV 2024; docs/srtod.md) on an SSD-family model: the prediction source
+``source`` (default ``conv4_3``) plays the paper's P2. Its head input ``F`` (``conv4_3_norm``:
+DGFE must follow Normalize, which would otherwise divide the spatial enhancement out) feeds
 
 * the reconstruction head: ``k`` Up blocks (Deconvolution 4/2/1 with bias, then twice
   Convolution 3/1/1 without bias + ReLU), ``k`` the fewest doublings that cover the input
@@ -12,32 +13,36 @@ the spatial enhancement out) feeds
   input size when the doublings overshoot (304 → 300, 504 → 500);
 * ``srtod_image`` = DenormalizeImage(data) with the data layer's own mean and scale,
   ``srtod_diffmap`` = DifferenceMap(reconstruction, image),
-  ``F_dgfe`` = DGFE(F, diffmap), which replaces ``F`` as the input of ``F_mbox_loc``,
-  ``F_mbox_conf`` and ``F_mbox_priorbox``;
+  ``F_dgfe`` = DGFE(F, diffmap), which every layer reading ``F`` after it reads instead
+  (``F_mbox_loc``, ``F_mbox_conf`` and ``F_mbox_priorbox``);
 * in the train net, ``srtod_loss`` = MSELoss(reconstruction, image) with ``loss_weight`` 1.
 
-The head runs in the test and deploy nets too (DGFE needs the map); only the loss is train-only.
+The head is built when the first layer reads ``F`` (:meth:`FeatureNet.before_read`); it runs in
+the test and deploy nets too (DGFE needs the map); only the loss is train-only.
 :func:`with_srtod` turns a zoo model into one whose ``nets()`` carry the head, so
 ``zoo.write_model``, ``summarize`` and the CLI work on it unchanged; the committed nets are
 ``prototxt/<model>_srtod`` for every zoo model (:func:`committed_variants`).
-docs/decisions.md (SR-TOD) records each choice.
+docs/decisions.md ("SR-TOD self-reconstruction head") records each choice.
+
+ZoomInNet (docs/zoominnet.md; docs/decisions.md, "ZoomInNet cross-scale distillation"):
+cross-scale distillation from a 2x-input teacher, see :class:`ZoomIn` and :class:`ZoomInModel`.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 from .. import io, shapes
 from ..proto import caffe_pb2
-from .netspec import TRAIN, L, NetSpec, assign, param_field_for_type
+from .netspec import TRAIN, Function, L, NetSpec, P, Top, assign
 from .solver import build_solver
-from .ssd import SSDModel, SSDPlan
+from .ssd import FeatureNet, FrozenMap, PredictionLayer, SSDModel, SSDPlan, multibox_head
 
-__all__ = ["SRTOD_THRESHOLDS", "SRTOD", "SRTODModel", "with_srtod", "srtod_layers", "attach_srtod",
+__all__ = ["SRTOD_THRESHOLDS", "SRTOD", "SRTODModel", "with_srtod", "srtod_head",
            "committed_variants", "ZOOMIN_ALIGNMENTS", "ZoomIn", "ZoomInModel", "with_zoomin",
-           "zoomin_teacher", "layer_adaption", "write_zoomin"]
+           "zoomin_teacher", "write_zoomin"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -78,6 +83,10 @@ class SRTOD:
     init: str = "pytorch"
     channels: Optional[Tuple[int, ...]] = None
 
+    def __post_init__(self):
+        if self.channels is not None:
+            object.__setattr__(self, "channels", tuple(self.channels))
+
     @property
     def suffix(self) -> str:
         """``_srtod`` on conv4_3, ``_srtod_<source>`` elsewhere."""
@@ -116,20 +125,18 @@ def _up_widths(head: SRTOD, channels: int, feature_hw: Sequence[int],
 ADAPTIVE_SOLVERS = ("Adam", "RMSProp", "AdaGrad", "AdaDelta")
 
 
-def srtod_layers(head: SRTOD, feature: str, feature_shape: Sequence[int], image: str,
-                 image_shape: Sequence[int], mean_value: Sequence[float], scale: float,
-                 train: bool, solver_type: str = "SGD") -> List[caffe_pb2.LayerParameter]:
-    """The head's layers for feature blob ``feature`` (``N x C x h x w``) and image blob ``image``
-    (``N x 3 x H x W``, the data blob with transform ``mean_value``/``scale``). The DGFE output
-    is ``<feature>_dgfe``; the loss is added only when ``train``. ``solver_type`` (Caffe's)
-    decides the threshold's default decay_mult (see :class:`SRTOD`)."""
-    _, channels, *feature_hw = feature_shape
-    image_hw = list(image_shape[2:])
-    n = NetSpec()
-    n[feature] = L.Input(shape=dict(dim=list(feature_shape)))     # placeholders, dropped below
-    n[image] = L.Input(shape=dict(dim=list(image_shape)))
+def srtod_head(n: NetSpec, head: SRTOD, feature: str, top: Top, feature_shape: Sequence[int],
+               image: Top, image_hw: Sequence[int], mean_value: Sequence[float], scale: float,
+               train: bool, solver_type: str = "SGD") -> Top:
+    """Add the head's layers to ``n`` for the feature blob ``feature`` (Top ``top``, shape
+    ``C x h x w``) and the image ``image`` (``3 x H x W``, the data blob with transform
+    ``mean_value``/``scale``); returns the DGFE output ``<feature>_dgfe``. The loss is added
+    only when ``train``; ``solver_type`` (Caffe's) decides the threshold's default decay_mult
+    (see :class:`SRTOD`)."""
+    channels, *feature_hw = feature_shape
+    image_hw = list(image_hw)
     widths = _up_widths(head, channels, feature_hw, image_hw)
-    x, width = n[feature], channels
+    x, width = top, channels
     for k, out in enumerate(widths, 1):
         name = f"srtod_up{k}"
         n[f"{name}_deconv"] = x = L.Deconvolution(
@@ -145,10 +152,10 @@ def srtod_layers(head: SRTOD, feature: str, feature_shape: Sequence[int], image:
                                 **_fillers(head.init, width * 9, True))
     if [d * 2 ** len(widths) for d in feature_hw] != image_hw:
         n.srtod_sigmoid = L.Sigmoid(n.srtod_out)
-        n.srtod_recon = L.Crop(n.srtod_sigmoid, n[image], axis=2, offset=[0])
+        n.srtod_recon = L.Crop(n.srtod_sigmoid, image, axis=2, offset=[0])
     else:
         n.srtod_recon = L.Sigmoid(n.srtod_out)
-    n.srtod_image = L.DenormalizeImage(n[image], mean_value=list(mean_value), scale=scale)
+    n.srtod_image = L.DenormalizeImage(image, mean_value=list(mean_value), scale=scale)
     n.srtod_diffmap = L.DifferenceMap(n.srtod_recon, n.srtod_image)
     dgfe = dict(initial_threshold=head.initial_threshold, threshold_gradient=head.threshold_gradient,
                 reduction_ratio=head.reduction_ratio, resize=head.resize)
@@ -160,46 +167,21 @@ def srtod_layers(head: SRTOD, feature: str, feature_shape: Sequence[int], image:
     if decay is None:
         decay = 0.0 if solver_type in ADAPTIVE_SOLVERS else 1.0
     threshold = dict(lr_mult=head.threshold_lr_mult, decay_mult=decay)
-    n[f"{feature}_dgfe"] = L.DGFE(n[feature], n.srtod_diffmap, propagate_down=[True, False],
-                                  param=[_WEIGHT, _BIAS, _WEIGHT, _BIAS, threshold], **dgfe)
+    n[f"{feature}_dgfe"] = enhanced = L.DGFE(top, n.srtod_diffmap, propagate_down=[True, False],
+                                             param=[_WEIGHT, _BIAS, _WEIGHT, _BIAS, threshold], **dgfe)
     if train:
         n.srtod_loss = L.MSELoss(n.srtod_recon, n.srtod_image, propagate_down=[True, False],
                                  loss_weight=head.loss_weight, include=dict(phase=TRAIN))
-    return [layer for layer in n.to_proto().layer if layer.type != "Input"]
+    return enhanced
 
 
-def attach_srtod(net: caffe_pb2.NetParameter, layers: Sequence[caffe_pb2.LayerParameter],
-                 feature: str) -> caffe_pb2.NetParameter:
-    """A copy of ``net`` with ``layers`` (from :func:`srtod_layers`) inserted before the first
-    layer reading ``feature``, and that reader and every later one reading ``<feature>_dgfe``."""
-    readers = [i for i, layer in enumerate(net.layer)
-               if feature in layer.bottom and feature not in layer.top]
-    if not readers:
-        raise ValueError(f"SR-TOD: no layer of net '{net.name}' reads '{feature}'")
-    first = readers[0]
-    rewriters = [layer.name for layer in net.layer[first:] if feature in layer.top]
-    if rewriters:
-        raise ValueError(f"SR-TOD: '{feature}' is rewritten in place by {', '.join(rewriters)} after "
-                         "its first reader; attach the head to a blob that is final when read")
-    out = caffe_pb2.NetParameter()
-    out.CopyFrom(net)
-    del out.layer[:]
-    out.layer.extend(net.layer[:first])
-    out.layer.extend(layers)
-    for layer in net.layer[first:]:
-        moved = out.layer.add()
-        moved.CopyFrom(layer)
-        moved.bottom[:] = [f"{feature}_dgfe" if b == feature else b for b in layer.bottom]
-    return out
-
-
-def _srtod_feature(model: SSDModel, source: str) -> str:
-    """The blob ``source``'s prediction layer reads (``<source>_norm`` when normalised)."""
-    by_source = {layer.source: layer for layer in model.plan().layers}
+def _srtod_layer(model: SSDModel, source: str, plan: Optional[SSDPlan] = None) -> PredictionLayer:
+    """The prediction layer of ``source`` (its head input is what the head enhances)."""
+    by_source = {layer.source: layer for layer in (plan or model.plan()).layers}
     if source not in by_source:
         raise ValueError(f"SR-TOD source {source!r} is not a prediction source of {model.name}; "
                          f"choose one of {', '.join(by_source)}")
-    return by_source[source].head_input
+    return by_source[source]
 
 
 @dataclass(frozen=True)
@@ -207,28 +189,23 @@ class SRTODModel(SSDModel):
     """An SSD-family model whose nets carry the SR-TOD head ``head`` (see the module docstring)."""
     head: SRTOD = SRTOD()
 
-    def nets(self) -> Dict[str, caffe_pb2.NetParameter]:
-        """The plain model's nets with the head attached; the deploy net is shape-checked."""
-        plain = super().nets()
-        head = self.head
+    def _attach(self, fn: FeatureNet, plan: SSDPlan, phase: str) -> None:
+        """Build the head when the first layer reads the source's head input."""
+        layer = _srtod_layer(self, self.head.source, plan)
+        feature = layer.head_input
+        transform = caffe_pb2.TransformationParameter()
+        for key, value in self.transform_param(False).items():
+            assign(transform, key, value)
         solver_type = self.solver.type if self.solver is not None else "SGD"
-        feature, image = _srtod_feature(self, head.source), "data"
-        blob_shapes = shapes.plan_net(plain["deploy"], caffe_pb2.TEST, device="meta").blob_shapes
-        data_layer = next(layer for layer in plain["test"].layer if layer.type == "AnnotatedData")
-        transform = data_layer.transform_param
-        nets = {}
-        for phase, net in plain.items():
-            layers = srtod_layers(head, feature, blob_shapes[feature], image, blob_shapes[image],
-                                  transform.mean_value, transform.scale, train=phase == "train",
-                                  solver_type=solver_type)
-            nets[phase] = attach_srtod(net, layers, feature)
-        shapes.plan_net(nets["deploy"], caffe_pb2.TEST, device="meta")
-        return nets
+        fn.before_read(feature, lambda top: srtod_head(
+            fn.net, self.head, feature, top, (fn.channels[feature], layer.map_size, layer.map_size),
+            fn.top(fn.data), (self.input_size, self.input_size), transform.mean_value, transform.scale,
+            train=phase != "test", solver_type=solver_type))
 
 
 def with_srtod(model: SSDModel, head: SRTOD = SRTOD()) -> SRTODModel:
     """``model`` with the SR-TOD head; its name and net name get ``head.suffix``."""
-    _srtod_feature(model, head.source)
+    _srtod_layer(model, head.source)
     values = {f.name: getattr(model, f.name) for f in fields(SSDModel)}
     values.update(name=model.name + head.suffix, net_name=model.net_name + head.suffix)
     return SRTODModel(**values, head=head)
@@ -242,8 +219,8 @@ def committed_variants() -> List[str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# ZoomInNet (issue 9): cross-scale distillation from a 2x-input teacher
-# (shared/reference/heads-srtod-zoominnet.md B.8; docs/decisions.md "ZoomInNet" records each choice)
+# ZoomInNet: cross-scale distillation from a 2x-input teacher
+# (docs/zoominnet.md; docs/decisions.md, "ZoomInNet cross-scale distillation", records each choice)
 
 ZOOMIN_ALIGNMENTS = ("LA", "NONE")
 
@@ -274,10 +251,14 @@ class ZoomIn:
     teacher_prefix: str = "teacher/"
     teacher_prior_scale: float = 1.0
     max_size_difference: int = 1
-    akdp: Dict[str, object] = field(default_factory=dict)
-    l2: Dict[str, object] = field(default_factory=dict)
+    akdp: Dict[str, object] = FrozenMap()           # given as dicts, kept frozen (hashable)
+    l2: Dict[str, object] = FrozenMap()
 
     def __post_init__(self):
+        object.__setattr__(self, "akdp", FrozenMap(self.akdp))
+        object.__setattr__(self, "l2", FrozenMap(self.l2))
+        if self.pairs is not None:
+            object.__setattr__(self, "pairs", tuple(tuple(pair) for pair in self.pairs))
         if self.alignment not in ZOOMIN_ALIGNMENTS:
             raise ValueError(f"ZoomInNet alignment {self.alignment!r}: use one of "
                              f"{', '.join(ZOOMIN_ALIGNMENTS)}")
@@ -314,34 +295,6 @@ def zoomin_teacher(model: SSDModel, settings: ZoomIn = ZoomIn()) -> SSDModel:
     return teacher
 
 
-def layer_adaption(net: caffe_pb2.NetParameter, plan: SSDPlan, image_size: int) -> caffe_pb2.NetParameter:
-    """ZoomInNet's LA on a built SSD net: before ``H_mbox_loc`` each head input ``H`` gets
-    ``H_up`` = Upsample(H) (2x nearest), which ``H_mbox_loc``, ``H_mbox_conf`` and
-    ``H_mbox_priorbox`` read instead of ``H``; the PriorBoxes get ``img_size: image_size`` (2S)
-    and keep their steps and pixel sizes, which makes them the teacher's priors. Returns a copy."""
-    heads = {l.head_input for l in plan.layers}
-    readers = {h: (f"{h}_mbox_loc", f"{h}_mbox_conf", f"{h}_mbox_priorbox") for h in heads}
-    out = _copy(net)
-    del out.layer[:]
-    rewired = {h: 0 for h in heads}
-    for layer in net.layer:
-        head = layer.bottom[0] if len(layer.bottom) else None
-        if head in heads and layer.name in readers[head]:
-            if not rewired[head]:
-                out.layer.append(_layer(f"{head}_up", "Upsample", [head], [f"{head}_up"], scale=2))
-            rewired[head] += 1
-            layer = _copy(layer)
-            layer.bottom[0] = f"{head}_up"
-            if layer.type == "PriorBox":
-                layer.prior_box_param.img_size = image_size
-        out.layer.add().CopyFrom(layer)
-    missing = sorted(h for h, count in rewired.items() if count != len(readers[h]))
-    if missing:
-        raise ValueError(f"layer adaption: {', '.join(missing)} lack(s) the _mbox_loc/_mbox_conf/"
-                         f"_mbox_priorbox layers of net '{net.name}'")
-    return out
-
-
 @dataclass(frozen=True)
 class ZoomInModel(SSDModel):
     """The ZoomInNet student of an SSD-family model (see :class:`ZoomIn`). ``nets()``:
@@ -349,8 +302,11 @@ class ZoomInModel(SSDModel):
     * ``train``: the distillation net, in this layer order (so that the student's weights are
       filled exactly as in ``train_nodistill`` for one seed): ``data_2x`` + ``label``
       (AnnotatedData resized to 2S) and ``data`` = Pooling AVE 2x2/2 of ``data_2x``; the student
-      (LA-adapted unless ``alignment: NONE``) with its MultiBoxLoss; the teacher's layers that
-      the distilled blobs need, names prefixed, every parameter ``lr_mult: 0 decay_mult: 0``,
+      with its MultiBoxLoss, with layer adaption (LA) unless ``alignment: NONE``: each head input
+      ``H`` is read through ``H_up`` = Upsample(H) (2x nearest) by ``H_mbox_loc``,
+      ``H_mbox_conf`` and ``H_mbox_priorbox``, whose PriorBoxes get ``img_size: 2S`` and keep
+      their steps and pixel sizes, which makes them the teacher's priors; the teacher's layers
+      that the distilled blobs need, names prefixed, every parameter ``lr_mult: 0 decay_mult: 0``,
       BatchNorm on its stored statistics; the distillation branch: per pair sub-sampling
       (NONE), adapter and crops, one AKDPMask for all pairs (on the teacher's priors with LA,
       the student's with NONE), one PositionAwareL2Loss per pair (``propagate_down: true
@@ -370,29 +326,51 @@ class ZoomInModel(SSDModel):
         return zoomin_teacher(self.student(), self.zoomin)
 
     def nets(self) -> Dict[str, caffe_pb2.NetParameter]:
-        settings, student = self.zoomin, self.student()
-        plan, teacher = student.plan(), self.teacher()
-        plain = student.nets()
-        size2 = teacher.input_size
-        nets = {phase: layer_adaption(net, plan, size2) if settings.alignment == "LA" else _copy(net)
-                for phase, net in plain.items()}
-        nets["train_nodistill"] = _zoomed_input(nets.pop("train"), size2)
-        teacher_train = teacher.nets()["train"]
-        heads = [l.head_input for l in plan.layers]
-        candidates = settings.pairs or tuple((h, h) for h in heads)
-        branch = _teacher_branch(teacher_train, [t for _, t in candidates], settings)
-        blob_shapes = shapes.plan_net(_extended(nets["train_nodistill"], branch), caffe_pb2.TRAIN,
-                                      device="meta").blob_shapes
-        pairs = _aligned_pairs(candidates, blob_shapes, settings, explicit=settings.pairs is not None)
-        branch = _teacher_branch(teacher_train, [t for _, t in pairs], settings)
-        train = _extended(nets["train_nodistill"], branch)
-        train.layer.extend(_distill_branch(pairs, blob_shapes, settings))
-        nets["train"] = train
-        for phase, net in nets.items():
-            net.name = f"{self.net_name}_{phase}"
-        shapes.plan_net(train, caffe_pb2.TRAIN, device="meta")
+        """The four nets; the train and deploy nets are shape-checked."""
+        plan = self.plan()
+        nets = {phase: self._net(phase, plan) for phase in ("train", "train_nodistill", "test", "deploy")}
+        shapes.plan_net(nets["train"], caffe_pb2.TRAIN, device="meta")
         shapes.plan_net(nets["deploy"], caffe_pb2.TEST, device="meta")
-        return {phase: nets[phase] for phase in ("train", "train_nodistill", "test", "deploy")}
+        return nets
+
+    def _input(self, n: NetSpec, phase: str) -> None:
+        """Train nets: the augmented image at 2S (``data_2x``) and ``data`` averaged 2x2/2 from it."""
+        if phase == "test":
+            return super()._input(n, phase)
+        n.data_2x, n.label = self.annotated_data(True, 2 * self.input_size, name="data_2x")
+        n.data = L.Pooling(n.data_2x, pool=P.Pooling.AVE, kernel_size=2, stride=2)
+
+    def multibox(self, fn: FeatureNet, plan: SSDPlan) -> List[Top]:
+        """With LA, the head inputs upsampled 2x and the priors laid out for 2S."""
+        if self.zoomin.alignment != "LA":
+            return super().multibox(fn, plan)
+        return list(multibox_head(fn, [l.source for l in plan.layers], [l.prior for l in plan.layers],
+                                  [l.normalization for l in plan.layers], self.dataset.num_classes,
+                                  upsample=2, img_size=2 * self.input_size))
+
+    def _finish_train(self, n: NetSpec, fn: FeatureNet, plan: SSDPlan, phase: str) -> None:
+        """The distillation net: the frozen teacher's branch and the distillation branch."""
+        if phase != "train":
+            return
+        settings, teacher = self.zoomin, self.teacher()
+        t_plan, t_shapes = teacher.planned()
+        _, s_shapes = self.planned()
+        candidates = settings.pairs or tuple((l.head_input, l.head_input) for l in plan.layers)
+        # the teacher's own build pass, frozen, on the student's 2S image; only the layers that
+        # the distilled blobs need are moved into the student's net
+        t = NetSpec()
+        t.data = n.data_2x
+        tfn = teacher.feature_builder(t, frozen=True)
+        teacher.features(tfn)
+        teacher.multibox(tfn, t_plan)
+        _teacher_tops(teacher, t, tfn, [b for _, b in candidates], settings)
+        pairs = _aligned_pairs(candidates, s_shapes, t_shapes, settings, explicit=settings.pairs is not None)
+        tops = _teacher_tops(teacher, t, tfn, [b for _, b in pairs], settings)
+        needed = _ancestors(tops.values())
+        for key, top in t.tops.items():                     # in the teacher's order, prefixed
+            if key != "data" and (top.fn if isinstance(top, Top) else top) in needed:
+                n[settings.teacher_prefix + key] = top
+        _distill_branch(n, fn, tops, pairs, plan, s_shapes, t_shapes, settings)
 
 
 def with_zoomin(model: SSDModel, settings: ZoomIn = ZoomIn()) -> ZoomInModel:
@@ -419,97 +397,42 @@ def write_zoomin(model: ZoomInModel, out: str = "prototxt") -> List[Path]:
     return written + [path]
 
 
-def _copy(message):
-    duplicate = type(message)()
-    duplicate.CopyFrom(message)
-    return duplicate
-
-
-def _layer(name: str, type_name: str, bottoms: Sequence[str], tops: Sequence[str],
-           **params) -> caffe_pb2.LayerParameter:
-    """A LayerParameter; keywords are LayerParameter fields or fields of the type's message."""
-    layer = caffe_pb2.LayerParameter(name=name, type=type_name, bottom=list(bottoms), top=list(tops))
-    type_field = param_field_for_type(type_name)
-    for key, value in params.items():
-        assign(layer if key in caffe_pb2.LayerParameter.DESCRIPTOR.fields_by_name
-               else getattr(layer, type_field), key, value)
-    return layer
-
-
-def _extended(net: caffe_pb2.NetParameter,
-              layers: Sequence[caffe_pb2.LayerParameter]) -> caffe_pb2.NetParameter:
-    out = _copy(net)
-    out.layer.extend(layers)
-    return out
-
-
-def _zoomed_input(net: caffe_pb2.NetParameter, size2: int) -> caffe_pb2.NetParameter:
-    """``net`` with its AnnotatedData layer resizing to ``size2`` into ``data_2x`` and a Pooling
-    AVE 2x2/2 layer ``data`` after it: the rest of the net reads the same augmented image at
-    half that size."""
-    out = _copy(net)
-    index = next((i for i, layer in enumerate(out.layer) if layer.type == "AnnotatedData"), None)
-    if index is None or out.layer[index].top[0] != "data":
-        raise ValueError(f"net '{net.name}' has no AnnotatedData layer writing 'data'")
-    data = out.layer[index]
-    if not data.transform_param.HasField("resize_param"):
-        raise ValueError(f"data layer '{data.name}' has no resize_param: the 2x input size cannot be set")
-    data.name = data.top[0] = "data_2x"
-    data.transform_param.resize_param.height = data.transform_param.resize_param.width = size2
-    out.layer.insert(index + 1, _layer("data", "Pooling", ["data_2x"], ["data"], pool="AVE",
-                                       kernel_size=2, stride=2))
-    return out
-
-
-def _teacher_branch(teacher_train: caffe_pb2.NetParameter, blobs: Sequence[str],
-                    settings: ZoomIn) -> List[caffe_pb2.LayerParameter]:
-    """The teacher train net's layers needed for ``blobs`` (and, with LA, their PriorBoxes
-    ``<blob>_mbox_priorbox``), data layer excepted: names and blobs prefixed (``data`` becomes
-    ``data_2x``, ``label`` stays), every parameter blob ``lr_mult: 0 decay_mult: 0``
-    (ParamSpec names prefixed too), BatchNorm ``use_global_stats: true``."""
-    prefix = settings.teacher_prefix
-    produced = {top for layer in teacher_train.layer for top in layer.top}
-    wanted = set(blobs)
+def _teacher_tops(teacher: SSDModel, t: NetSpec, tfn: FeatureNet, blobs: Sequence[str],
+                  settings: ZoomIn) -> Dict[str, Top]:
+    """The Tops of ``blobs`` (and, with LA, of their PriorBoxes ``<blob>_mbox_priorbox``) in the
+    teacher's build ``t``, by teacher blob name."""
+    wanted = list(blobs)
     if settings.alignment == "LA":
-        wanted |= {f"{b}_mbox_priorbox" for b in blobs}
-    unknown = sorted(b for b in wanted if b not in produced)
+        wanted += [f"{b}_mbox_priorbox" for b in blobs]
+    produced = {top for layer in t.to_proto().layer for top in layer.top}
+    unknown = sorted(b for b in set(wanted) if b not in produced)
     if unknown:
-        raise ValueError(f"teacher net '{teacher_train.name}' has no blob {', '.join(unknown)} (with LA a "
-                         "distilled teacher blob must be a head input, whose priors give the mask)")
-    counts = {step.layer.name: len(step.layer.blobs)
-              for step in shapes.plan_net(teacher_train, caffe_pb2.TRAIN, device="meta").layers}
-    keep = []
-    for layer in reversed(teacher_train.layer):
-        if layer.type == "AnnotatedData" or not wanted & set(layer.top):
-            continue
-        keep.append(layer)
-        wanted |= set(layer.bottom)
-    rename = lambda blob: {"data": "data_2x", "label": "label"}.get(blob, prefix + blob)
-    branch = []
-    for layer in reversed(keep):
-        copy = _copy(layer)
-        copy.name = prefix + layer.name
-        copy.bottom[:] = [rename(b) for b in layer.bottom]
-        copy.top[:] = [rename(t) for t in layer.top]
-        for i in range(counts[layer.name]):
-            spec = copy.param[i] if i < len(copy.param) else copy.param.add()
-            spec.lr_mult, spec.decay_mult = 0, 0
-            if spec.name:
-                spec.name = prefix + spec.name
-        if layer.type == "BatchNorm":
-            copy.batch_norm_param.use_global_stats = True
-        branch.append(copy)
-    return branch
+        raise ValueError(f"teacher net '{teacher.net_name}_train' has no blob {', '.join(unknown)} (with LA "
+                         "a distilled teacher blob must be a head input, whose priors give the mask)")
+    return {b: tfn.top(b) if b in tfn.channels else t[b] for b in wanted}
 
 
-def _aligned_pairs(candidates, blob_shapes, settings: ZoomIn, explicit: bool) -> List[Tuple[str, str]]:
+def _ancestors(tops) -> Set[Function]:
+    """The layer functions that ``tops`` depend on, theirs included."""
+    seen: Set[Function] = set()
+    stack = [top.fn for top in tops]
+    while stack:
+        fn = stack.pop()
+        if fn not in seen:
+            seen.add(fn)
+            stack.extend(inp.fn for inp in fn.inputs)
+    return seen
+
+
+def _aligned_pairs(candidates, s_shapes, t_shapes, settings: ZoomIn,
+                   explicit: bool) -> List[Tuple[str, str]]:
     """The candidates whose aligned maps differ by at most max_size_difference cells (an
     explicit pair that does not is an error)."""
     pairs, students = [], set()
     for student, teacher in candidates:
         if student in students:
             raise ValueError(f"ZoomInNet pairs: student blob {student} appears twice")
-        s_hw, t_hw = _aligned_sizes(student, teacher, blob_shapes, settings)
+        s_hw, t_hw = _aligned_sizes(student, teacher, s_shapes, t_shapes, settings)
         if max(abs(a - b) for a, b in zip(s_hw, t_hw)) <= settings.max_size_difference and \
                 (all(a >= b for a, b in zip(s_hw, t_hw)) or all(a <= b for a, b in zip(s_hw, t_hw))):
             pairs.append((student, teacher))
@@ -522,66 +445,63 @@ def _aligned_pairs(candidates, blob_shapes, settings: ZoomIn, explicit: bool) ->
     return pairs
 
 
-def _aligned_sizes(student: str, teacher: str, blob_shapes, settings: ZoomIn):
+def _aligned_sizes(student: str, teacher: str, s_shapes, t_shapes, settings: ZoomIn):
     """Map sizes ``(h, w)`` of the student and teacher sides after LA / sub-sampling."""
-    for name, blob in (("student", student), ("teacher", settings.teacher_prefix + teacher)):
-        if blob not in blob_shapes:
+    for name, blob, known in (("student", student, s_shapes), ("teacher", teacher, t_shapes)):
+        if blob not in known:
             raise ValueError(f"ZoomInNet: the {name} net has no blob {blob}")
-    s_hw = tuple(blob_shapes[student][2:])
-    t_hw = tuple(blob_shapes[settings.teacher_prefix + teacher][2:])
+    s_hw, t_hw = tuple(s_shapes[student][2:]), tuple(t_shapes[teacher][2:])
     if settings.alignment == "LA":
         return tuple(2 * d for d in s_hw), t_hw
     return s_hw, tuple(-(-d // 2) for d in t_hw)         # AVE 2x2/2, ceil mode
 
 
-def _distill_branch(pairs, blob_shapes, settings: ZoomIn) -> List[caffe_pb2.LayerParameter]:
+def _distill_branch(n: NetSpec, fn: FeatureNet, teacher_tops: Dict[str, Top], pairs, plan: SSDPlan,
+                    s_shapes, t_shapes, settings: ZoomIn) -> None:
     """Alignment, adapters and crops per pair, one AKDPMask over all pairs, one loss per pair."""
-    prefix, la = settings.teacher_prefix, settings.alignment == "LA"
-    prepare, grids, mask_crops, losses = [], [], [], []
+    la = settings.alignment == "LA"
+    heads = {l.head_input for l in plan.layers}
+    crop = dict(axis=2, offset=[0])
+    grids, masked = [], []
     for student, teacher in pairs:
-        s_blob, t_blob = student, prefix + teacher
-        s_c, t_c = blob_shapes[student][1], blob_shapes[t_blob][1]
+        s_top, t_top = fn.top(student), teacher_tops[teacher]
         if la:
-            if f"{student}_up" not in blob_shapes:               # not a head input: LA here
-                prepare.append(_layer(f"{student}_up", "Upsample", [student], [f"{student}_up"], scale=2))
-            s_blob = f"{student}_up"
-            grids.append((t_blob, f"{prefix}{teacher}_mbox_priorbox"))
+            if student in heads:
+                s_top = fn.top(f"{student}_up")
+            else:                                                # not a head input: LA here
+                n[f"{student}_up"] = s_top = L.Upsample(s_top, scale=2)
+            grids += [t_top, teacher_tops[f"{teacher}_mbox_priorbox"]]
         else:
-            if f"{student}_mbox_priorbox" not in blob_shapes:
+            if student not in heads:
                 raise ValueError(f"ZoomInNet (alignment NONE): student blob {student} is not a head input "
                                  "(the mask needs its priors)")
             sub = f"zoomin/{student}_teacher_sub"
-            prepare.append(_layer(sub, "Pooling", [t_blob], [sub], pool="AVE", kernel_size=2, stride=2))
-            t_blob = sub
-            grids.append((student, f"{student}_mbox_priorbox"))
-        if s_c != t_c:
-            adapted = f"zoomin/{student}_adapt"
-            prepare.append(_layer(adapted, "Convolution", [s_blob], [adapted], num_output=t_c, kernel_size=1,
-                                  param=[dict(lr_mult=1, decay_mult=1), dict(lr_mult=2, decay_mult=0)],
-                                  weight_filler=dict(type="xavier"),
-                                  bias_filler=dict(type="constant", value=0)))
-            s_blob = adapted
-        mask = f"zoomin/mask_{student}"
-        s_hw, t_hw = _aligned_sizes(student, teacher, blob_shapes, settings)
-        crop = dict(axis=2, offset=[0])
+            n[sub] = t_top = L.Pooling(t_top, pool=P.Pooling.AVE, kernel_size=2, stride=2)
+            grids += [s_top, n[f"{student}_mbox_priorbox"]]
+        if s_shapes[student][1] != t_shapes[teacher][1]:
+            n[f"zoomin/{student}_adapt"] = s_top = L.Convolution(
+                s_top, num_output=t_shapes[teacher][1], kernel_size=1, param=[_WEIGHT, _BIAS],
+                weight_filler=dict(type="xavier"), bias_filler=dict(type="constant", value=0))
+        s_hw, t_hw = _aligned_sizes(student, teacher, s_shapes, t_shapes, settings)
+        # the mask lies on the teacher's grid with LA, the student's with NONE: when that side is
+        # cropped, its mask is cropped to the same reference
+        mask_reference = None
         if s_hw > t_hw:                                          # the student side is larger
-            cropped = f"zoomin/{student}_crop"
-            prepare.append(_layer(cropped, "Crop", [s_blob, t_blob], [cropped], **crop))
-            if not la:
-                mask_crops.append(_layer(f"{mask}_crop", "Crop", [mask, t_blob], [f"{mask}_crop"], **crop))
-                mask = f"{mask}_crop"
-            s_blob = cropped
+            n[f"zoomin/{student}_crop"] = s_top = L.Crop(s_top, t_top, **crop)
+            mask_reference = None if la else t_top
         elif t_hw > s_hw:
-            cropped = f"zoomin/{student}_teacher_crop"
-            prepare.append(_layer(cropped, "Crop", [t_blob, s_blob], [cropped], **crop))
-            if la:
-                mask_crops.append(_layer(f"{mask}_crop", "Crop", [mask, s_blob], [f"{mask}_crop"], **crop))
-                mask = f"{mask}_crop"
-            t_blob = cropped
-        losses.append(_layer(f"zoomin/loss_{student}", "PositionAwareL2Loss", [s_blob, t_blob, mask],
-                             [f"zoomin/loss_{student}"], loss_weight=settings.loss_weight,
-                             propagate_down=[True, False, False], include=dict(phase=TRAIN),
-                             **settings.l2))
-    akdp = _layer("zoomin/akdp", "AKDPMask", [b for grid in grids for b in grid] + ["label"],
-                  [f"zoomin/mask_{s}" for s, _ in pairs], include=dict(phase=TRAIN), **settings.akdp)
-    return prepare + [akdp] + mask_crops + losses
+            n[f"zoomin/{student}_teacher_crop"] = t_top = L.Crop(t_top, s_top, **crop)
+            mask_reference = s_top if la else None
+        masked.append((student, s_top, t_top, mask_reference))
+    masks = L.AKDPMask(*grids, n.label, name="zoomin/akdp", ntop=len(pairs), include=dict(phase=TRAIN),
+                       **settings.akdp)
+    masks = [masks] if len(pairs) == 1 else list(masks)
+    for (student, *_), mask in zip(masked, masks):
+        n[f"zoomin/mask_{student}"] = mask
+    for i, (student, _, _, reference) in enumerate(masked):
+        if reference is not None:
+            n[f"zoomin/mask_{student}_crop"] = masks[i] = L.Crop(masks[i], reference, **crop)
+    for (student, s_top, t_top, _), mask in zip(masked, masks):
+        n[f"zoomin/loss_{student}"] = L.PositionAwareL2Loss(
+            s_top, t_top, mask, loss_weight=settings.loss_weight, propagate_down=[True, False, False],
+            include=dict(phase=TRAIN), **settings.l2)

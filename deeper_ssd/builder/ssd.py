@@ -1,7 +1,7 @@
 """SSD network construction in the style of the SSD fork's own generator.
 
 The pieces mirror ``python/caffe/model_libs.py`` and ``examples/ssd/ssd_pascal.py`` of
-weiliu89/caffe (see shared/reference/caffe-ssd-semantics.md §5): ``ConvBNLayer``
+weiliu89/caffe (docs/semantics.md, "SSD300 reference settings"): ``ConvBNLayer``
 (:meth:`FeatureNet.conv`), ``VGGNetBody(fully_conv, reduced, dilated, dropout=False)``
 (:func:`vgg16_reduced`), ``AddExtraLayers`` (:func:`add_extra_layers`), ``CreateMultiBoxHead``
 (:func:`multibox_head`) and the script's data/loss/test/deploy assembly (:class:`SSDModel`).
@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from fractions import Fraction
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from .. import shapes
 from ..proto import caffe_pb2
@@ -33,7 +34,7 @@ __all__ = [
     "extra_pair", "add_extra_layers", "PriorSpec", "ratio_rule_sizes", "default_aspect_ratios",
     "default_step",
     "priors_per_cell", "multibox_head", "Dataset", "TrainTransform", "Detection", "Matching", "SSDModel",
-    "SSDPlan", "PredictionLayer",
+    "SSDPlan", "PredictionLayer", "FrozenMap",
 ]
 
 WITH_BIAS = [dict(lr_mult=1, decay_mult=1), dict(lr_mult=2, decay_mult=0)]
@@ -41,6 +42,29 @@ XAVIER = dict(type="xavier")
 #: the weight filler of the fork's ConvBNLayer (model_libs.py) for convolutions followed by BatchNorm
 FORK_BATCHNORM_FILLER = dict(type="gaussian", std=0.01)
 ZERO = dict(type="constant", value=0)
+
+
+class FrozenMap(Mapping):
+    """A read-only, hashable mapping: the dict-valued fields of the frozen settings classes
+    (equal to a dict with the same items)."""
+
+    def __init__(self, items=()):
+        self._items = dict(items)
+
+    def __getitem__(self, key):
+        return self._items[key]
+
+    def __iter__(self):
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __hash__(self) -> int:
+        return hash(frozenset(self._items.items()))
+
+    def __repr__(self) -> str:
+        return f"FrozenMap({self._items!r})"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -52,10 +76,16 @@ class FeatureNet:
     it). ``width`` scales the ``num_output`` of feature convolutions; ``batchnorm`` puts the
     fork's BatchNorm + Scale pair after each of them, those convolutions drawing their weights
     from ``batchnorm_filler`` (the fork's ConvBNLayer: gaussian std 0.01) and BatchNorm
-    averaging its statistics with ``moving_average_fraction`` (the fork's 0.999)."""
+    averaging its statistics with ``moving_average_fraction`` (the fork's 0.999). A ``frozen``
+    net learns nothing: every parameter blob gets ``lr_mult: 0 decay_mult: 0`` and BatchNorm
+    uses its stored statistics (a distillation teacher).
+
+    Builders read blobs through :meth:`top`; a head that must sit between a blob and its
+    readers registers :meth:`before_read`."""
 
     def __init__(self, net: NetSpec, data: str = "data", width: float = 1.0, batchnorm: bool = False,
-                 batchnorm_filler: Optional[dict] = None, moving_average_fraction: float = 0.999):
+                 batchnorm_filler: Optional[dict] = None, moving_average_fraction: float = 0.999,
+                 frozen: bool = False):
         if width <= 0:
             raise ValueError(f"width multiplier must be positive, got {width}")
         if not 0 <= moving_average_fraction < 1:
@@ -63,13 +93,34 @@ class FeatureNet:
         self.net, self.data, self.width, self.batchnorm = net, data, width, batchnorm
         self.batchnorm_filler = dict(batchnorm_filler or FORK_BATCHNORM_FILLER)
         self.moving_average_fraction = moving_average_fraction
+        self.frozen = frozen
         self.channels: Dict[str, int] = {data: 3}
         self.stride: Dict[str, Fraction] = {data: Fraction(1)}
         self._last: Dict[str, Top] = {data: net[data]}
+        self._before_read: Dict[str, Callable[[Top], Top]] = {}
+        self._replaced: set = set()
 
     def top(self, blob: str) -> Top:
-        """The latest Top writing ``blob`` (after its in-place ReLU/BatchNorm/Scale)."""
+        """The Top a layer reading ``blob`` reads: the latest one writing it (after its in-place
+        ReLU/BatchNorm/Scale), or what a :meth:`before_read` hook put in its place."""
+        hook = self._before_read.pop(blob, None)
+        if hook is not None:
+            self._last[blob] = hook(self._last[blob])
+            self._replaced.add(blob)
         return self._last[blob]
+
+    def before_read(self, blob: str, build: Callable[[Top], Top]) -> None:
+        """When a layer first reads ``blob`` (its in-place layers done), ``build(top)`` adds
+        layers and returns the Top that this reader and every later one reads instead."""
+        self._before_read[blob] = build
+
+    def params(self, *specs: dict) -> List[dict]:
+        """ParamSpecs for a layer's parameter blobs: ``specs``, or all zero when frozen."""
+        return [dict(lr_mult=0, decay_mult=0) for _ in specs] if self.frozen else list(specs)
+
+    def freeze(self, blobs: int) -> dict:
+        """Keywords for a layer that writes no ParamSpec: ``blobs`` zero ones when frozen."""
+        return dict(param=self.params(*[{}] * blobs)) if self.frozen else {}
 
     def widen(self, num_output: int) -> int:
         return max(1, int(round(num_output * self.width)))
@@ -81,6 +132,9 @@ class FeatureNet:
 
     def in_place(self, layer_name: str, blob: str, top: Top) -> None:
         """Register an in-place layer (ReLU, BatchNorm, Scale) named ``layer_name`` on ``blob``."""
+        if blob in self._replaced:
+            raise ValueError(f"'{blob}' is rewritten in place by {layer_name} after a head took its "
+                             "place for its readers; attach the head to a blob that is final when read")
         self.net[layer_name] = top
         self._last[blob] = top
 
@@ -102,30 +156,31 @@ class FeatureNet:
             if value is not None:
                 kwargs[key] = value
         if batchnorm:
-            kwargs.update(param=[dict(lr_mult=lr_mult, decay_mult=1)], bias_term=False,
+            kwargs.update(param=self.params(dict(lr_mult=lr_mult, decay_mult=1)), bias_term=False,
                           weight_filler=dict(self.batchnorm_filler))
         else:
-            kwargs.update(param=[dict(lr_mult=lr_mult, decay_mult=1),
-                                 dict(lr_mult=2 * lr_mult, decay_mult=0)],
+            kwargs.update(param=self.params(dict(lr_mult=lr_mult, decay_mult=1),
+                                            dict(lr_mult=2 * lr_mult, decay_mult=0)),
                           weight_filler=XAVIER, bias_filler=ZERO)
         layer = L.Deconvolution if deconv else L.Convolution
         s = Fraction(stride or 1)
         self._record(name, layer(self.top(bottom), **kwargs), num_output,
                      self.stride[bottom] / s if deconv else self.stride[bottom] * s)
         if batchnorm:
+            statistics = dict(use_global_stats=True) if self.frozen else {}
             self.in_place(f"{name}_bn", name, L.BatchNorm(
-                self.top(name), in_place=True, param=[dict(lr_mult=0, decay_mult=0)] * 3,
-                eps=0.001, moving_average_fraction=self.moving_average_fraction))
+                self._last[name], in_place=True, param=[dict(lr_mult=0, decay_mult=0)] * 3,
+                eps=0.001, moving_average_fraction=self.moving_average_fraction, **statistics))
             self.in_place(f"{name}_scale", name, L.Scale(
-                self.top(name), in_place=True, bias_term=True,
-                param=[dict(lr_mult=lr_mult, decay_mult=0)] * 2,
+                self._last[name], in_place=True, bias_term=True,
+                param=self.params(*[dict(lr_mult=lr_mult, decay_mult=0)] * 2),
                 filler=dict(type="constant", value=1.0), bias_filler=dict(type="constant", value=0.0)))
         if relu:
             self.relu(relu, name)
         return name
 
     def relu(self, layer_name: str, blob: str) -> None:
-        self.in_place(layer_name, blob, L.ReLU(self.top(blob), in_place=True))
+        self.in_place(layer_name, blob, L.ReLU(self._last[blob], in_place=True))
 
     def pool(self, name: str, bottom: str, kernel_size: int, stride: int,
              pad: Optional[int] = None) -> str:
@@ -269,11 +324,15 @@ def multibox_head(fn: FeatureNet, sources: Sequence[str], priors: Sequence[Prior
                   normalizations: Sequence[float], num_classes: int, *, share_location: bool = True,
                   flip: bool = True, clip: bool = False, variance=(0.1, 0.1, 0.2, 0.2),
                   offset: float = 0.5, kernel_size: int = 3, pad: int = 1,
-                  lr_mult: float = 1) -> Tuple[Top, Top, Top]:
+                  lr_mult: float = 1, upsample: int = 1,
+                  img_size: Optional[int] = None) -> Tuple[Top, Top, Top]:
     """For each source S: optional ``S_norm`` (Normalize, value != -1), ``S_mbox_loc`` /
     ``S_mbox_conf`` (3x3/1/1 convolutions, P·4 and P·classes outputs) each with ``_perm``
     (N×H×W×C) and ``_flat`` (N×HWC), and ``S_mbox_priorbox`` (1×2×HWP·4); then ``mbox_loc``
-    (N×ΣHWP·4), ``mbox_conf`` (N×ΣHWP·classes) and ``mbox_priorbox`` (1×2×ΣHWP·4)."""
+    (N×ΣHWP·4), ``mbox_conf`` (N×ΣHWP·classes) and ``mbox_priorbox`` (1×2×ΣHWP·4).
+
+    ``upsample`` > 1: the three read ``S_up`` = Upsample(S) (nearest, that factor) instead of
+    ``S`` (ZoomInNet's layer adaption); ``img_size`` is written into every PriorBox."""
     if not (len(sources) == len(priors) == len(normalizations)):
         raise ValueError("sources, priors and normalizations must have the same length")
     n = fn.net
@@ -286,14 +345,19 @@ def multibox_head(fn: FeatureNet, sources: Sequence[str], priors: Sequence[Prior
         if norm != -1:
             name = f"{source}_norm"
             fn._record(name, L.Normalize(fn.top(source), scale_filler=dict(type="constant", value=norm),
-                                         across_spatial=False, channel_shared=False),
+                                         across_spatial=False, channel_shared=False, **fn.freeze(1)),
                        fn.channels[source], fn.stride[source])
             source = name
+        read = source
+        if upsample != 1:
+            read = f"{source}_up"
+            fn._record(read, L.Upsample(fn.top(source), scale=upsample), fn.channels[source],
+                       fn.stride[source] / upsample)
         per_cell = priors_per_cell(spec, flip)
         outputs = (("loc", per_cell * 4 * (1 if share_location else num_classes), locs),
                    ("conf", per_cell * num_classes, confs))
         for kind, num_output, collected in outputs:
-            name = fn.conv(f"{source}_mbox_{kind}", source, num_output, kernel_size, pad=pad,
+            name = fn.conv(f"{source}_mbox_{kind}", read, num_output, kernel_size, pad=pad,
                            stride=1, feature=False, lr_mult=lr_mult)
             n[f"{name}_perm"] = L.Permute(fn.top(name), order=[0, 2, 3, 1])
             n[f"{name}_flat"] = L.Flatten(n[f"{name}_perm"], axis=1)
@@ -304,7 +368,9 @@ def multibox_head(fn: FeatureNet, sources: Sequence[str], priors: Sequence[Prior
         if ratios:
             prior.update(aspect_ratio=ratios, flip=flip)
         prior["step"] = spec.step
-        n[f"{source}_mbox_priorbox"] = L.PriorBox(fn.top(source), fn.top(fn.data), **prior)
+        if img_size is not None:
+            prior["img_size"] = img_size
+        n[f"{source}_mbox_priorbox"] = L.PriorBox(fn.top(read), fn.top(fn.data), **prior)
         boxes.append(n[f"{source}_mbox_priorbox"])
     n.mbox_loc = L.Concat(*locs, axis=1)
     n.mbox_conf = L.Concat(*confs, axis=1)
@@ -438,6 +504,13 @@ class SSDModel:
     with ``name``, ``normalization`` and ``build(fn) -> output blob`` (see
     :mod:`deeper_ssd.builder.deeper`); each module output becomes one more prediction layer.
     ``prior_sizes``, ``aspect_ratios`` and ``steps`` override the rules above (in head order).
+    ``normalizations`` maps a source to its Normalize scale (a dict is accepted and frozen:
+    models are hashable and compare by value).
+
+    Each net is one build pass through :class:`NetSpec` (:meth:`_net`): ``_input``, a
+    :class:`FeatureNet` with ``_attach`` before :meth:`features`, :meth:`multibox`, then the
+    loss (``_finish_train`` after it) or the detection layers. The heads of
+    :mod:`deeper_ssd.builder.heads` are subclasses that override these steps.
     """
     name: str
     net_name: str
@@ -456,13 +529,16 @@ class SSDModel:
     prior_sizes: Optional[Tuple[Tuple[float, Optional[float]], ...]] = None
     aspect_ratios: Optional[Tuple[Tuple[float, ...], ...]] = None
     steps: Optional[Tuple[float, ...]] = None
-    normalizations: Dict[str, float] = field(default_factory=lambda: {"conv4_3": 20})
+    normalizations: Dict[str, float] = FrozenMap({"conv4_3": 20})     # given as a dict, kept frozen
     batch_size: int = 8
     test_batch_size: int = 8
     transform: TrainTransform = TrainTransform()
     detection: Detection = Detection()
     matching: Matching = Matching()
     solver: Optional[SolverSettings] = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "normalizations", FrozenMap(self.normalizations))
 
     def replace(self, **changes) -> "SSDModel":
         return dataclasses.replace(self, **changes)
@@ -475,16 +551,18 @@ class SSDModel:
         add_extra_layers(fn, self.extras)
         return list(self.sources) + [module.build(fn) for module in self.modules]
 
-    def _feature_builder(self, n: NetSpec) -> FeatureNet:
+    def feature_builder(self, n: NetSpec, frozen: bool = False) -> FeatureNet:
+        """A FeatureNet on ``n`` (whose ``data`` is the image) with this model's width and
+        BatchNorm settings."""
         return FeatureNet(n, width=self.width, batchnorm=self.batchnorm,
                           batchnorm_filler=dict(self.batchnorm_filler),
-                          moving_average_fraction=self.bn_moving_average_fraction)
+                          moving_average_fraction=self.bn_moving_average_fraction, frozen=frozen)
 
     def feature_net(self, batch: int = 1) -> Tuple[caffe_pb2.NetParameter, FeatureNet, List[str]]:
         """The features alone behind an Input layer (what shape checks and Table 1 use)."""
         n = NetSpec()
         n.data = L.Input(shape=dict(dim=[batch, 3, self.input_size, self.input_size]))
-        fn = self._feature_builder(n)
+        fn = self.feature_builder(n)
         sources = self.features(fn)
         return n.to_proto(f"{self.net_name}_features"), fn, sources
 
@@ -492,8 +570,13 @@ class SSDModel:
         """Run static shape inference over the features (refusing any Concat/Eltwise/Crop whose
         inputs disagree, with the layer name and shapes) and lay out the prediction layers:
         ordered by decreasing map size, priors by the rules unless overridden."""
+        return self.planned()[0]
+
+    def planned(self) -> Tuple[SSDPlan, Dict[str, Tuple[int, ...]]]:
+        """:meth:`plan` and the blob shapes it found: every feature blob at batch 1, and each
+        prediction layer's head input (``<source>_norm``: its source's shape)."""
         net, fn, sources = self.feature_net()
-        blob_shapes = shapes.plan_net(net, caffe_pb2.TEST, device="meta").blob_shapes
+        blob_shapes = dict(shapes.plan_net(net, caffe_pb2.TEST, device="meta").blob_shapes)
         sizes = {s: blob_shapes[s][2] for s in sources}
         for s in sources:
             if blob_shapes[s][2] != blob_shapes[s][3]:
@@ -512,10 +595,46 @@ class SSDModel:
             PredictionLayer(s, sizes[s], blob_shapes[s][1],
                             PriorSpec(mn, mx, tuple(float(r) for r in ar), step), norms.get(s, -1))
             for s, (mn, mx), ar, step in zip(ordered, prior_sizes, ratios, steps))
-        return SSDPlan(layers)
+        blob_shapes.update({layer.head_input: blob_shapes[layer.source] for layer in layers})
+        return SSDPlan(layers), blob_shapes
 
     # -- the nets ---------------------------------------------------------------------------
+    # One build pass per net through NetSpec. A head (builder/heads.py) is a subclass that adds
+    # its layers in this pass by overriding the steps below.
+
+    def transform_param(self, train: bool, size: Optional[int] = None) -> dict:
+        """The data layer's TransformationParameter fields (resizing to ``size``, default S)."""
+        return _transform_param(size or self.input_size, train, self.transform)
+
+    def annotated_data(self, train: bool, size: int, name: str = "data") -> Tuple[Top, Top]:
+        """The AnnotatedData layer ``name`` resizing to ``size``: its (image, label) tops."""
+        data = self.dataset
+        return L.AnnotatedData(
+            name=name, ntop=2, include=dict(phase=TRAIN if train else TEST),
+            transform_param=self.transform_param(train, size),
+            data_param=dict(source=data.train_source if train else data.test_source,
+                            batch_size=self.batch_size if train else self.test_batch_size,
+                            backend="LMDB"),
+            annotated_data_param=dict(batch_sampler=_batch_samplers(self.transform) if train else [{}],
+                                      label_map_file=data.label_map_file))
+
+    def _input(self, n: NetSpec, phase: str) -> None:
+        """The input layers: ``n.data`` (N x 3 x S x S) and ``n.label``."""
+        n.data, n.label = self.annotated_data(phase != "test", self.input_size)
+
+    def _attach(self, fn: FeatureNet, plan: SSDPlan, phase: str) -> None:
+        """Called before the features are built (:meth:`FeatureNet.before_read` hooks); no-op."""
+
+    def multibox(self, fn: FeatureNet, plan: SSDPlan) -> List[Top]:
+        """CreateMultiBoxHead over the planned prediction layers: (loc, conf, priorbox)."""
+        return list(multibox_head(fn, [l.source for l in plan.layers], [l.prior for l in plan.layers],
+                                  [l.normalization for l in plan.layers], self.dataset.num_classes))
+
+    def _finish_train(self, n: NetSpec, fn: FeatureNet, plan: SSDPlan, phase: str) -> None:
+        """Called after the MultiBoxLoss of a train net; no-op."""
+
     def _net(self, phase: str, plan: SSDPlan) -> caffe_pb2.NetParameter:
+        """The net of ``phase``: ``test``, ``deploy`` or a train phase (``train…``)."""
         if phase == "deploy":
             # ssd_pascal.py's deploy net: the test net without its data and evaluation layers,
             # with the net-level (legacy) input fields.
@@ -528,20 +647,12 @@ class SSDModel:
             return net
         n = NetSpec()
         size, data = self.input_size, self.dataset
-        train = phase == "train"
-        n.data, n.label = L.AnnotatedData(
-            name="data", ntop=2, include=dict(phase=TRAIN if train else TEST),
-            transform_param=_transform_param(size, train, self.transform),
-            data_param=dict(source=data.train_source if train else data.test_source,
-                            batch_size=self.batch_size if train else self.test_batch_size,
-                            backend="LMDB"),
-            annotated_data_param=dict(batch_sampler=_batch_samplers(self.transform) if train else [{}],
-                                      label_map_file=data.label_map_file))
-        fn = self._feature_builder(n)
+        self._input(n, phase)
+        fn = self.feature_builder(n)
+        self._attach(fn, plan, phase)
         self.features(fn)
-        mbox = list(multibox_head(fn, [l.source for l in plan.layers], [l.prior for l in plan.layers],
-                                  [l.normalization for l in plan.layers], data.num_classes))
-        if phase == "train":
+        mbox = self.multibox(fn, plan)
+        if phase != "test":
             n.mbox_loss = L.MultiBoxLoss(
                 *mbox, n.label, include=dict(phase=TRAIN), propagate_down=[True, True, False, False],
                 loss_param=dict(normalization="VALID"),
@@ -553,7 +664,8 @@ class SSDModel:
                     neg_pos_ratio=self.matching.neg_pos_ratio, neg_overlap=self.matching.neg_overlap,
                     code_type="CENTER_SIZE",
                     ignore_cross_boundary_bbox=False, mining_type="MAX_NEGATIVE"))
-            return n.to_proto(f"{self.net_name}_train")
+            self._finish_train(n, fn, plan, phase)
+            return n.to_proto(f"{self.net_name}_{phase}")
         det = self.detection
         n.mbox_conf_reshape = L.Reshape(n.mbox_conf, shape=dict(dim=[0, -1, data.num_classes]))
         n.mbox_conf_softmax = L.Softmax(n.mbox_conf_reshape, axis=2)
