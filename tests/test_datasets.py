@@ -421,3 +421,58 @@ def test_voc_folder_pair_with_non_ascii_names_and_an_image_without_objects(tmp_p
     assert a0.type == caffe_pb2.AnnotatedDatum.BBOX and not len(a0.annotation_group)
     assert objects(a1) == [(1, 0, True, norm(3, 50), norm(4, 40), norm(13, 50), norm(24, 40))]
     assert (tmp_path / "out" / "test_name_size.txt").read_text(encoding="utf-8") == "nothing 20 20\nüber_δ 40 50\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# the annotations as real Caffe's readers build them: a COCO instances entry equals the fork's
+# per-image json of the same boxes (ReadJSONToAnnotatedDatum), VisDrone text its plain txt
+# (ReadTxtToAnnotatedDatum; no difficult flag there, so no score-0 box)
+
+def test_annotations_match_the_forks_json_and_txt_readers(oracle, aitod, tmp_path):
+    import hashlib
+    from test_annoset import COMPILE, CONVERTER
+    doc = json.loads((aitod / "annotations" / "instances_train.json").read_text())
+    names = {c["id"]: c["name"] for c in doc["categories"]}
+    files = {"labelmap_aitod.prototxt": AITOD_MAP.read_text(), "labelmap_visdrone.prototxt": VISDRONE_MAP.read_text()}
+    coco_list, fork_list = [], []
+    for image in doc["images"]:
+        stem = Path(image["file_name"]).stem
+        per_image = {"image": {"height": image["height"], "width": image["width"]},
+                     "annotation": [{"category_id": names[a["category_id"]], "bbox": a["bbox"],
+                                     "iscrowd": a.get("iscrowd", 0)}
+                                    for a in doc["annotations"] if a["image_id"] == image["id"]]}
+        files[f"root/json/{stem}.json"] = json.dumps(per_image)
+        files[f"root/images/train/{image['file_name']}"] = aitod / "images" / "train" / image["file_name"]
+        coco_list.append(f"images/train/{image['file_name']} annotations/instances_train.json")
+        fork_list.append(f"images/train/{image['file_name']} json/{stem}.json")
+    (tmp_path / "coco.txt").write_text("\n".join(coco_list) + "\n")
+    files["root/coco_fork.txt"] = "\n".join(fork_list) + "\n"
+    write_image(tmp_path / "vd" / "v.jpg", 60, 80)
+    (tmp_path / "vd" / "v.txt").write_text("10,20,30,15,1,4,0,0\n0,0,5,8,1,1,0,1\n40,5,20,20,0,0,0,0\n"
+                                           "2,30,10,10,1,11,0,0\n50,40,30,20,1,4,1,2\n")
+    (tmp_path / "vd" / "list.txt").write_text("v.jpg v.txt\n")
+    files["root/v.jpg"] = tmp_path / "vd" / "v.jpg"
+    files["root/v_fork.txt"] = "4 10 20 40 35\n1 0 0 5 8\n4 50 40 80 60\n"
+    files["root/visdrone_fork.txt"] = "v.jpg v_fork.txt\n"
+    files["convert.cpp"] = CONVERTER
+    binary = f"/tmp/deeper_ssd_convert_{hashlib.sha1(CONVERTER.encode()).hexdigest()[:12]}"
+    caffe = oracle.run("\n".join([
+        f"if not os.path.exists({binary!r}):",
+        f"    assert os.system({COMPILE.format(binary=binary)!r}) == 0, 'compiling the converter failed'",
+        "os.makedirs('coco'); os.makedirs('vd')",
+        f"assert os.system('{binary} root/ root/coco_fork.txt labelmap_aitod.prototxt jpg 1 0 0 coco json') == 0",
+        f"assert os.system('{binary} root/ root/visdrone_fork.txt labelmap_visdrone.prototxt jpg 1 0 0 vd txt') == 0",
+        "for i in range(3): out['coco_%d' % i] = np.frombuffer(open('coco/rec_%d.bin' % i, 'rb').read(), np.uint8)",
+        "out['vd_0'] = np.frombuffer(open('vd/rec_0.bin', 'rb').read(), np.uint8)"]), files)
+    build_annoset(aitod, tmp_path / "coco.txt", tmp_path / "coco_db", detection("coco", AITOD_MAP))
+    build_annoset(tmp_path / "vd", tmp_path / "vd" / "list.txt", tmp_path / "vd_db", detection("visdrone", VISDRONE_MAP))
+    pairs = [(ours, f"coco_{i}") for i, (_, ours) in enumerate(records(tmp_path / "coco_db"))]
+    pairs += [(records(tmp_path / "vd_db")[0][1], "vd_0")]
+    assert len(pairs) == 4
+    for ours, key in pairs:
+        theirs = caffe_pb2.AnnotatedDatum.FromString(caffe[key].tobytes())
+        assert theirs.type == ours.type == caffe_pb2.AnnotatedDatum.BBOX
+        assert [g.SerializeToString() for g in ours.annotation_group] == \
+            [g.SerializeToString() for g in theirs.annotation_group], key
+    crowd = caffe_pb2.AnnotatedDatum.FromString(caffe["coco_0"].tobytes())
+    assert [a.bbox.difficult for g in crowd.annotation_group for a in g.annotation] == [False, False, True]
