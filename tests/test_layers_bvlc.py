@@ -117,6 +117,24 @@ def test_inner_product_axis_transpose_and_blob_shapes():
     np.testing.assert_allclose(y, x @ w)
 
 
+def test_softmax_loss_second_top_normalizers_and_accuracy_ties():
+    x = np.log(np.array([[[1.0], [2.0], [1.0]], [[1.0], [1.0], [2.0]]]))          # 2 x 3 x 1, p = 1/4, 1/2, 1/4
+    t = np.array([[1.0], [2.0]])
+    text = layer("SoftmaxWithLoss", "loss_weight: 1 loss_weight: 0", bottoms=("x", "t"), tops=("loss", "p"))
+    loss, prob = run_ours(text, [x, t])["tops"]
+    assert loss == pytest.approx(-np.log(0.5)) and prob[0, :, 0] == pytest.approx([0.25, 0.5, 0.25])
+    ignored = run_ours(layer("SoftmaxWithLoss", "loss_param { ignore_label: 2 normalization: FULL }",
+                             bottoms=("x", "t")), [x, t], top_grads=[np.array(1.0)])
+    assert ignored["tops"][0] == pytest.approx(-np.log(0.5) / 2)                # FULL divides by 2 positions
+    np.testing.assert_allclose(ignored["bottom_grads"][0][1], 0.0)               # ignored position: no gradient
+    with pytest.raises(LayerError, match="give one loss_weight per top"):
+        build(layer("SoftmaxWithLoss", bottoms=("x", "t"), tops=("loss", "p")), [(2, 3), (2,)])
+    scores = np.array([[1.0, 3.0, 3.0], [2.0, 2.0, 0.0]])
+    acc, per_class = run_ours(layer("Accuracy", bottoms=("x", "t"), tops=("a", "c")),
+                              [scores, np.array([1.0, 1.0])])["tops"]
+    assert acc == 0.5 and list(per_class) == [0.0, 0.5, 0.0]   # ties: class 2 outranks 1; class 1 outranks 0
+
+
 def test_absval_in_place_and_unknown_types_are_refused_by_name():
     with pytest.raises(LayerError, match=r"layer 'l' \(AbsVal\): does not allow in-place"):
         build(layer("AbsVal", tops=("x",)), [(1, 2)])
@@ -135,6 +153,7 @@ def _cases(rng):
     r = lambda *shape: rng.standard_normal(shape)
     away = lambda *shape: np.sign(r(*shape)) * (0.2 + rng.random(shape))        # |x| >= 0.2
     positive = lambda *shape: 0.5 + rng.random(shape)
+    labels = lambda classes, shape: rng.integers(0, classes, shape).astype(float)
     return [
         (layer("InnerProduct", "inner_product_param { num_output: 3 }"), [r(2, 2, 2, 2)], [r(3, 8), r(3)], "exact"),
         (layer("InnerProduct", "inner_product_param { num_output: 3 axis: 2 transpose: true bias_term: false }"),
@@ -178,12 +197,36 @@ def _cases(rng):
          [rng.integers(0, 5, (2, 4)).astype(float)], [r(5, 3), r(3)], "exact"),
         (layer("Embed", "embed_param { num_output: 2 input_dim: 4 bias_term: false } propagate_down: false loss_weight: 1"),
          [np.array([[3.0, 0.0, 3.0]])], [r(4, 2)], "exact"),
+        (layer("SoftmaxWithLoss", bottoms=("x", "t")), [r(2, 4, 3), labels(4, (2, 3))], [], "exact"),
+        (layer("SoftmaxWithLoss", "loss_param { ignore_label: 2 }", bottoms=("x", "t")),
+         [r(3, 4, 2, 2), labels(4, (3, 1, 2, 2))], [], "exact"),
+        (layer("SoftmaxWithLoss", "softmax_param { axis: 2 } loss_param { normalization: FULL ignore_label: 0 }",
+               bottoms=("x", "t")), [r(2, 3, 5), labels(5, (2, 3))], [], "exact"),
+        (layer("SoftmaxWithLoss", "loss_param { normalization: BATCH_SIZE }", bottoms=("x", "t")),
+         [r(2, 3, 4), labels(3, (2, 4))], [], "exact"),
+        (layer("SoftmaxWithLoss", "loss_param { normalize: false ignore_label: 1 }", bottoms=("x", "t")),
+         [r(2, 3, 4), labels(3, (2, 4))], [], "exact"),
+        (layer("SoftmaxWithLoss", "loss_param { normalization: NONE }", bottoms=("x", "t")),
+         [r(4, 3), labels(3, (4,))], [], "exact"),
+        (layer("SigmoidCrossEntropyLoss", bottoms=("x", "t")), [3 * r(2, 3, 2), rng.random((2, 3, 2))], [], "exact"),
+        (layer("EuclideanLoss", bottoms=("a", "b")), [r(2, 3, 2), r(2, 6)], [], "exact"),
+        (layer("Parameter", "parameter_param { shape { dim: 2 dim: 3 } }", bottoms=()), [], [r(2, 3)], "exact"),
         (layer("Threshold", "threshold_param { threshold: 0.3 }"), [r(2, 3)], [], None),
+        (layer("Accuracy", bottoms=("x", "t")), [r(6, 4), labels(4, (6,))], [], None),
+        (layer("Accuracy", "accuracy_param { top_k: 2 ignore_label: 1 }", bottoms=("x", "t"), tops=("a", "c")),
+         [r(4, 3, 2, 2), labels(3, (4, 2, 2))], [], None),
+        (layer("Accuracy", "accuracy_param { axis: 2 }", bottoms=("x", "t"), tops=("a", "c")),
+         [np.round(r(3, 2, 4)), labels(4, (3, 2))], [], None),                 # integer scores: ties
+        (layer("DummyData", 'dummy_data_param { num: 2 channels: 3 height: 1 height: 4 width: 5 '
+               'data_filler { type: "constant" value: 2.5 } }', bottoms=(), tops=("a", "b")), [], [], None),
         (layer("ArgMax", "argmax_param { top_k: 2 out_max_val: true }"), [r(2, 3, 2, 2)], [], None),
         (layer("ArgMax", "argmax_param { axis: 1 top_k: 2 }"), [r(2, 4, 3)], [], None),
         (layer("ArgMax", "argmax_param { axis: 2 out_max_val: true }"), [r(2, 2, 4)], [], None),
         (layer("ArgMax"), [np.array([[1.0, 2.0, 2.0, 0.0]])], [], None),
     ]
+
+
+_FIXED_BOTTOMS = {"Embed": (0,), "SoftmaxWithLoss": (1,), "SigmoidCrossEntropyLoss": (1,)}
 
 
 def _layer_function(text, bottoms, blobs):
@@ -195,8 +238,8 @@ def _layer_function(text, bottoms, blobs):
         tops = torch.func.functional_call(lay, dict(zip(names, tensors[len(bottoms):])), tensors[:len(bottoms)])
         return tops if isinstance(tops, tuple) else (tops,)
 
-    to_bottoms = "propagate_down: false" not in text            # Embed: indices, no gradient
-    inputs = tuple(torch.tensor(a, dtype=torch.float64, requires_grad=to_bottoms) for a in bottoms) + \
+    fixed = _FIXED_BOTTOMS.get(lay.caffe_type, ())                 # labels and indices: no gradient
+    inputs = tuple(torch.tensor(a, dtype=torch.float64, requires_grad=i not in fixed) for i, a in enumerate(bottoms)) + \
         tuple(torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in blobs)
     return run, inputs
 

@@ -1,13 +1,15 @@
-"""Blob-structure layers of BVLC Caffe: Slice, Tile, ArgMax, Reduction."""
+"""Blob-structure layers of BVLC Caffe: Slice, Tile, ArgMax, Reduction, and the bottomless
+Parameter and DummyData."""
 from __future__ import annotations
 
 import torch
 
 from ..proto import caffe_pb2
 from .base import Layer, canonical_axis, count, format_shape
+from .fillers import fill
 from .registry import register
 
-__all__ = ["Slice", "Tile", "ArgMax", "Reduction"]
+__all__ = ["Slice", "Tile", "ArgMax", "Reduction", "Parameter", "DummyData"]
 
 _REDUCTION = caffe_pb2.ReductionParameter
 
@@ -147,3 +149,58 @@ class Reduction(Layer):
             flat = flat * flat
         y = flat.mean(-1) if self.operation == _REDUCTION.MEAN else flat.sum(-1)
         return y if self.coeff == 1 else y * self.coeff
+
+
+@register
+class Parameter(Layer):
+    """A learned blob of ``parameter_param.shape`` (initially 0, Caffe has no filler here) as the
+    top; the top's gradient is the blob's."""
+
+    caffe_type = "Parameter"
+    num_bottoms = (0, 0)
+
+    def setup(self, bottoms):
+        shape = tuple(self.lp.parameter_param.shape.dim)
+        self.add_blob(shape)
+        return [shape]
+
+    def forward(self):
+        return self.blobs[0].clone()         # a later in-place layer must not write the blob
+
+
+@register
+class DummyData(Layer):
+    """Tops of ``dummy_data_param.shape`` (one for all or one per top; or the legacy
+    num/channels/height/width lists) filled by ``data_filler`` (none: constant 0; one for all or
+    one per top) at every forward. Random fillers draw from torch's generator, not Caffe's.
+    The caller may feed the tops instead, as for Input."""
+
+    caffe_type = "DummyData"
+    num_bottoms = (0, 0)
+    num_tops = (1, None)
+    is_source = True
+
+    def setup(self, bottoms):
+        p = self.lp.dummy_data_param
+        tops = len(self.lp.top)
+        if len(p.data_filler) not in (0, 1, tops):
+            raise ValueError(f"{len(p.data_filler)} data_filler entries for {tops} tops; give 0, 1 or {tops}")
+        fillers = list(p.data_filler) or [caffe_pb2.FillerParameter(type="constant", value=0)]
+        self.fillers = fillers * tops if len(fillers) == 1 else fillers
+        legacy = [list(getattr(p, f)) for f in ("num", "channels", "height", "width")]
+        if any(legacy):
+            if len(p.shape):
+                raise ValueError("both shape and the legacy num/channels/height/width were given")
+            for name, values in zip(("num", "channels", "height", "width"), legacy):
+                if len(values) not in (1, tops):
+                    raise ValueError(f"{name} has {len(values)} values for {tops} tops; give 1 or {tops}")
+            return [tuple(v[0] if len(v) == 1 else v[i] for v in legacy) for i in range(tops)]
+        if len(p.shape) not in (1, tops):
+            raise ValueError(f"{len(p.shape)} shapes for {tops} tops; give 1 or {tops}")
+        shapes = [tuple(s.dim) for s in p.shape]
+        return shapes * tops if len(shapes) == 1 else shapes
+
+    def forward(self):
+        tops = tuple(fill(torch.empty(shape, device=self.device_for_blobs), filler)
+                     for shape, filler in zip(self.top_shapes, self.fillers))
+        return tops if len(tops) > 1 else tops[0]

@@ -12,7 +12,7 @@ from .base import Layer, LayerError
 
 __all__ = ["register", "get", "supported_types", "UnknownLayerType"]
 
-_MODULES = ("vision", "common", "neuron", "dense", "blob_ops", "normalization", "data",
+_MODULES = ("vision", "common", "neuron", "dense", "blob_ops", "normalization", "loss", "data",
             "priorbox", "detection_output", "multibox_loss", "detection_evaluate", "srtod", "zoomin")
 _REGISTRY: Dict[str, Type[Layer]] = {}
 _loaded = False
