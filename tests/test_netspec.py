@@ -92,3 +92,26 @@ def test_enum_names_as_strings_and_silence_without_tops():
     assert net.layer[1].pooling_param.pool == caffe_pb2.PoolingParameter.AVE
     assert net.layer[2].type == "Silence" and not len(net.layer[2].top)
     assert net.layer[2].name == "silence"
+
+
+def test_feature_net_before_read_and_frozen():
+    from deeper_ssd.builder.ssd import FeatureNet
+    n = NetSpec()
+    n.data = L.Input(shape=dict(dim=[1, 3, 8, 8]))
+    fn = FeatureNet(n, batchnorm=True, frozen=True)
+    fn.conv("conv1", "data", 4, 3, pad=1, relu="relu1")
+
+    def gate(top):
+        n.gate = L.Sigmoid(top)
+        return n.gate
+    fn.before_read("conv1", gate)
+    fn.pool("pool1", "conv1", 2, 2)
+    fn.conv("conv2", "conv1", 4, 1)
+    layers = {layer.name: layer for layer in n.to_proto().layer}
+    assert [layer.name for layer in n.to_proto().layer].index("gate") == 5   # after relu1, before pool1
+    assert list(layers["pool1"].bottom) == list(layers["conv2"].bottom) == ["gate"]
+    assert [(p.lr_mult, p.decay_mult) for p in layers["conv1_scale"].param] == [(0, 0), (0, 0)]
+    assert [(p.lr_mult, p.decay_mult) for p in layers["conv1"].param] == [(0, 0)]
+    assert layers["conv1_bn"].batch_norm_param.use_global_stats
+    with pytest.raises(ValueError, match="rewritten in place by relu1b after a head"):
+        fn.relu("relu1b", "conv1")
