@@ -188,3 +188,21 @@ def test_v1_caffemodel_is_read_and_checked(tmp_path, capsys):
     assert cli.main(["convert-vgg", str(tmp_path / "VGG_ILSVRC_16_layers.caffemodel"), str(tmp_path / "o.caffemodel")]) == 2
     assert "layer 'conv1_2' blob 0 has shape (64, 3, 3, 3), VGG16 needs (64, 64, 3, 3)" in capsys.readouterr().err
     assert not (tmp_path / "o.caffemodel").exists()
+
+
+def test_caffe_reads_the_converted_model_and_computes_the_same_fc7(oracle, converted):
+    size = 96                                                    # fc7: 6 x 6
+    net_param = convert_vgg.base_net(size)
+    x = np.random.default_rng(8).uniform(-120, 130, (1, 3, size, size)).astype(np.float32)
+    caffe = oracle.run("net = caffe.Net('net.prototxt', 'base.caffemodel', caffe.TEST)\n"
+                       "net.blobs['data'].data[...] = np.load('x.npy')\nnet.forward()\n"
+                       "out['conv5_3'] = net.blobs['conv5_3'].data.copy()\nout['fc7'] = net.blobs['fc7'].data.copy()\n",
+                       {"net.prototxt": io.message_to_text(net_param), "base.caffemodel": converted["model"], "x.npy": x})
+    ours_net = Net(net_param, "TEST")
+    ours_net.load_caffemodel(converted["model"])
+    with torch.no_grad():
+        ours_net.forward(keep_blobs=True, data=torch.from_numpy(x))
+    for name in ("conv5_3", "fc7"):
+        ours = ours_net.blobs[name].numpy()
+        assert ours.shape == caffe[name].shape and (caffe[name] > 0).mean() > 0.05
+        assert np.abs(ours - caffe[name]).max() <= 1e-4 * np.abs(caffe[name]).max(), name
