@@ -476,3 +476,18 @@ def test_annotations_match_the_forks_json_and_txt_readers(oracle, aitod, tmp_pat
             [g.SerializeToString() for g in theirs.annotation_group], key
     crowd = caffe_pb2.AnnotatedDatum.FromString(caffe["coco_0"].tobytes())
     assert [a.bbox.difficult for g in crowd.annotation_group for a in g.annotation] == [False, False, True]
+
+
+def test_create_annoset_tool_reads_visdrone(visdrone, tmp_path):
+    import subprocess
+    import sys
+    split = "VisDrone2019-DET-train"
+    (tmp_path / "l.txt").write_text(f"{split}/images/0000001_00000_d_0000001.jpg "
+                                    f"{split}/annotations/0000001_00000_d_0000001.txt\n")
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "create_annoset.py"), "--anno-type=detection",
+                           "--label-type=visdrone", f"--label-map-file={VISDRONE_MAP}", "--encode-type=jpg",
+                           "--encoded", str(visdrone), str(tmp_path / "l.txt"), str(tmp_path / "db")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "1 records, 4 objects, 1 VisDrone ignored-regions (category 0) dropped, " \
+           "1 VisDrone others (category 11) dropped" in proc.stdout
