@@ -6,6 +6,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 from google.protobuf import text_format
 
 from deeper_ssd.data.annoset import ConvertOptions, build_annoset
@@ -246,3 +247,75 @@ def test_parity_with_caffe_annotated_data(oracle, dbs):
     for name in ("warp", "cubic", "noise", "histeq"):
         assert caffe[f"{name}_label"].shape == ours[name][1].shape
         assert np.allclose(caffe[f"{name}_label"], ours[name][1], rtol=0, atol=2e-7)
+
+
+# ---------------------------------------------------------------------------------------------
+# feeding a GPU: worker count, pinned memory, uint8 transfer
+
+def test_default_workers_share_the_cores_between_training_processes():
+    from deeper_ssd.data.loader import default_workers
+    assert default_workers(1, cores=2) == 2 and default_workers(2, cores=2) == 1
+    assert default_workers(3, cores=2) == 1 and default_workers(1, cores=1) == 1
+    assert default_workers(1, cores=64) == 8 and default_workers(4, cores=16) == 4
+    assert default_workers(8, cores=96) == 8 and default_workers(8, cores=40) == 5
+
+
+def test_loader_defaults_follow_the_device_and_explicit_settings_win():
+    from deeper_ssd.data.loader import default_workers
+    layer = make_layer(layer_param("/nonexistent/lmdb"), device="cpu")
+    assert layer.loader_settings() == dict(num_workers=default_workers(), prefetch=3,
+                                           pin_memory=False, uint8=False)
+    layer.device_for_blobs = torch.device("cuda")        # what a CUDA net's layer holds
+    assert layer.loader_settings(2) == dict(num_workers=default_workers(2), prefetch=3,
+                                            pin_memory=True, uint8=True)
+    layer.configure_loader(num_workers=5, pin_memory=False, uint8=False)
+    assert layer.loader_settings(2) == dict(num_workers=5, prefetch=3, pin_memory=False, uint8=False)
+    mean_file = make_layer(layer_param("/nonexistent/lmdb", body='transform_param { mean_file: "m" }'))
+    mean_file.configure_loader(uint8=True)         # a positional mean cannot be applied later
+    assert mean_file.loader_settings()["uint8"] is False
+
+
+@pytest.mark.parametrize("body", [
+    SSD_TRAIN_TRANSFORM,
+    'transform_param { crop_size: 200 scale: 0.017 mean_value: 100 mirror: true force_color: true } '
+    'annotated_data_param { batch_sampler { } }',
+    'transform_param { scale: 0.00390625 resize_param { resize_mode: WARP height: 64 width: 80 '
+    'interp_mode: CUBIC } } annotated_data_param { batch_sampler { } }',
+    'transform_param { force_gray: true mean_value: 127.5 scale: 0.0078125 resize_param { '
+    'resize_mode: WARP height: 64 width: 64 } } annotated_data_param { batch_sampler { } }',
+], ids=["ssd-train", "crop-scale-mirror", "no-mean", "gray"])
+def test_uint8_transfer_gives_the_float32_values_bit_for_bit(dbs, body):
+    def batches(uint8, workers):
+        layer = make_layer(layer_param(str(dbs / "three_lmdb"), batch_size=3, body=body), phase=caffe_pb2.TRAIN)
+        layer.set_seed(5)
+        layer.configure_loader(num_workers=workers, uint8=uint8)
+        out = [layer.forward() for _ in range(2)]
+        layer.close()
+        return out
+
+    float_path, uint8_path = batches(False, 0), batches(True, 1)
+    for (d0, l0), (d1, l1) in zip(float_path, uint8_path):
+        assert d1.dtype == d0.dtype and d0.shape == d1.shape
+        assert np.array_equal(d0.numpy().view(np.int32), d1.numpy().view(np.int32))   # bits, -0.0 too
+        assert np.array_equal(l0.numpy(), l1.numpy())
+
+
+def test_uint8_batches_are_a_quarter_of_the_bytes_and_mixed_batches_fall_back(dbs):
+    from deeper_ssd.data.loader import AnnotatedBatches
+    from deeper_ssd.data.annoset import AnnotatedDB
+    layer = make_layer(layer_param(str(dbs / "three_lmdb"), batch_size=2))
+    db = AnnotatedDB(str(dbs / "three_lmdb"))
+    keys = db.keys()
+    db.close()
+    dataset = AnnotatedBatches(str(dbs / "three_lmdb"), keys, 2, layer.transformer, layer.image_shape,
+                               0, uint8=True)
+    data, _, _ = dataset[0]
+    assert data.dtype == torch.uint8 and data.shape == (2, 3, 300, 300)
+    reference = AnnotatedBatches(str(dbs / "three_lmdb"), keys, 2, layer.transformer, layer.image_shape, 0)[0][0]
+    assert np.array_equal(layer.transformer.normalize_tensor(data).numpy(), reference.numpy())
+    original = dataset.item
+    dataset.item = lambda i: ((lambda im, o, k: (layer.transformer.normalize(im) if i == 1 else im, o, k))
+                              (*original(i)))                     # one image arrives as float32
+    mixed, _, _ = dataset[0]
+    assert mixed.dtype == reference.dtype and np.array_equal(mixed.numpy(), reference.numpy())
+    dataset.release()

@@ -9,6 +9,8 @@ Determinism: every item draws its augmentation from its own ``numpy`` Generator 
 the number of workers or on timing. Workers prefetch ``prefetch`` batches each (Caffe prefetches
 3 batches in one thread).
 
+Worker count: :func:`default_workers` (the rule is in docs/decisions.md, "Data workers").
+
 Timing: :class:`DataTiming` records how long the consumer waited for each batch (the data time
 a trainer reports) and how long a worker spent producing it.
 """
@@ -28,7 +30,23 @@ import torch
 from .annoset import AnnosetError, AnnotatedDB, parse_record
 from .transforms import SSDTransformer, TransformError, sample_from_datum
 
-__all__ = ["DataTiming", "AnnotatedBatches", "BatchLoader", "label_rows"]
+__all__ = ["DataTiming", "AnnotatedBatches", "BatchLoader", "label_rows", "default_workers",
+           "usable_cores"]
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def default_workers(world_size: int = 1, cores: Optional[int] = None) -> int:
+    """Data worker processes per data layer when none are asked for: the usable cores shared
+    by the ``world_size`` training processes of this machine, at most 8 and at least 1."""
+    cores = usable_cores() if cores is None else int(cores)
+    return max(1, min(8, cores // max(1, int(world_size))))
 
 
 def label_rows(per_item: Sequence) -> np.ndarray:
@@ -46,6 +64,10 @@ class AnnotatedBatches(torch.utils.data.Dataset):
     """Map-style dataset: batch index -> ``(data N x C x H x W, label 1 x 1 x G x 8 or None,
     seconds the worker spent)``, all CPU float32.
 
+    With ``uint8`` the data are the transformed pixels before ``(pixel - mean) * scale``
+    (uint8, 4 times fewer bytes to move) whenever every image of the batch is 8-bit; the
+    consumer applies :meth:`SSDTransformer.normalize_tensor` (equal float32 values).
+
     ``shape`` is the static (C, H, W) of one image (-1 = decided by the data); every image of a
     batch must match it and each other. ``anno_type_override`` mirrors
     ``annotated_data_param.anno_type`` (records without a type are then taken as BBOX).
@@ -54,8 +76,10 @@ class AnnotatedBatches(torch.utils.data.Dataset):
     def __init__(self, db_path: str, keys: Sequence[bytes], batch_size: int,
                  transformer: SSDTransformer, shape: Tuple[int, int, int], seed: int,
                  output_labels: bool = True, anno_type_override: bool = False,
-                 rank: int = 0, world_size: int = 1, where: str = "AnnotatedData"):
+                 rank: int = 0, world_size: int = 1, where: str = "AnnotatedData",
+                 uint8: bool = False):
         self.db_path = db_path
+        self.uint8 = bool(uint8) and transformer.uint8_capable
         self.keys = list(keys)
         self.batch_size = batch_size
         self.transformer = transformer
@@ -87,7 +111,8 @@ class AnnotatedBatches(torch.utils.data.Dataset):
         return self._db
 
     def item(self, index: int):
-        """(C x H x W float32 image, Objects, key) of item ``index`` of this consumer."""
+        """(C x H x W float32 image, or uint8 pixels in :attr:`uint8` mode, Objects, key) of
+        item ``index`` of this consumer."""
         db = self._database()
         key = self.keys[(index * self.world_size + self.rank) % len(self.keys)]
         name = key.decode(errors="replace")
@@ -97,7 +122,7 @@ class AnnotatedBatches(torch.utils.data.Dataset):
             raise TransformError(f"record {name}: no annotation type (a classification record); "
                                  "the AnnotatedData layer here reads BBOX records")
         rng = np.random.default_rng([self.seed, self.rank, index])
-        image, objects = self.transformer.process(sample, rng)
+        image, objects = self.transformer.process(sample, rng, uint8=self.uint8)
         return image, objects, name
 
     def __getitem__(self, batch: int):
@@ -120,6 +145,8 @@ class AnnotatedBatches(torch.utils.data.Dataset):
                     "force_gray to fix the channels")
             images.append(image)
             objects.append(objs)
+        if any(i.dtype == np.uint8 for i in images) and not all(i.dtype == np.uint8 for i in images):
+            images = [self.transformer.normalize(i) if i.dtype == np.uint8 else i for i in images]
         data = torch.from_numpy(np.stack(images))
         label = torch.from_numpy(label_rows(objects)).view(1, 1, -1, 8) if self.output_labels else None
         return data, label, time.perf_counter() - start

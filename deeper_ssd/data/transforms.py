@@ -25,6 +25,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
+import torch
 
 from .. import io
 from ..proto import caffe_pb2
@@ -682,9 +683,11 @@ class SSDTransformer:
                                  f"{channels}-channel image; give 1 or {channels}")
         return m
 
-    def transform(self, sample: Sample, rng: np.random.Generator) -> Tuple[np.ndarray, Objects]:
+    def transform(self, sample: Sample, rng: np.random.Generator,
+                  uint8: bool = False) -> Tuple[np.ndarray, Objects]:
         """Transform: decode, resize, noise, crop_size crop, mirror, ``(pixel - mean) * scale``
-        into ``C x H x W`` float32, and the objects expressed in the output image."""
+        into ``C x H x W`` float32, and the objects expressed in the output image (``uint8``:
+        see :meth:`_pixels`)."""
         p = self.param
         img = self.decode(sample)
         src_h, src_w, channels = img.shape
@@ -725,7 +728,7 @@ class SSDTransformer:
             if img_h < height or img_w < width:
                 raise TransformError(f"record {sample.key}: image {img_w}x{img_h} is smaller than "
                                      f"the blob {width}x{height}")
-        pixels = self._pixels(img, h_off, w_off, height, width, do_mirror, sample)
+        pixels = self._pixels(img, h_off, w_off, height, width, do_mirror, sample, uint8)
         crop = np.array([f32(w_off) / f32(img_w), f32(h_off) / f32(img_h),
                          f32(w_off + width) / f32(img_w), f32(h_off + height) / f32(img_h)], f32)
         objects = self.transform_annotation(sample.objects, crop, do_mirror,
@@ -733,9 +736,10 @@ class SSDTransformer:
         return pixels, objects
 
     def _pixels(self, img: np.ndarray, h_off: int, w_off: int, height: int, width: int,
-                do_mirror: bool, sample: Sample) -> np.ndarray:
+                do_mirror: bool, sample: Sample, uint8: bool = False) -> np.ndarray:
         """The ``height x width`` window at (h_off, w_off), mirrored, as ``(pixel - mean) * scale``
-        in C x H x W float32 (float32 arithmetic as the fork's)."""
+        in C x H x W float32 (float32 arithmetic as the fork's); with ``uint8`` (and
+        :attr:`uint8_capable`) 8-bit pixels are returned as they are, C x H x W uint8."""
         img_h, img_w, channels = img.shape
         window = img[h_off:h_off + height, w_off:w_off + width]
         mean_blob = self.mean_blob
@@ -756,16 +760,52 @@ class SSDTransformer:
         else:
             if do_mirror:
                 window = window[:, ::-1]
-            pixels = np.empty((channels, height, width), f32)
-            means = self._means(channels, sample.key) if len(self.mean_values) else np.zeros(channels, f32)
-            for c in range(channels):
-                np.subtract(window[:, :, c], means[c], out=pixels[c], dtype=f32)
+            chw = window.transpose(2, 0, 1)
+            if uint8 and chw.dtype == np.uint8:
+                return np.ascontiguousarray(chw)
+            return self.normalize(chw, sample.key)
         if self.param.scale != 1:
             pixels = pixels * f32(self.param.scale)
         return np.ascontiguousarray(pixels, dtype=f32)
 
-    def process(self, sample: Sample, rng: np.random.Generator) -> Tuple[np.ndarray, Objects]:
-        """One record through load_batch: distort, expand, sample + crop, transform."""
+    # -- (pixel - mean) * scale ----------------------------------------------------------------
+    @property
+    def uint8_capable(self) -> bool:
+        """Whether the last step is exactly ``(pixel - mean_value) * scale`` per channel, so that
+        8-bit pixels can travel as uint8 and be normalised later (:meth:`normalize_tensor`) to
+        the same float32 values; not with a mean_file (its mean is indexed by position)."""
+        return not self.param.HasField("mean_file")
+
+    def channel_means(self, channels: int, key: str = "?") -> np.ndarray:
+        """The per-channel mean values (float32, ``channels``; zeros without mean_value)."""
+        return self._means(channels, key) if len(self.mean_values) else np.zeros(channels, f32)
+
+    def normalize(self, chw: np.ndarray, key: str = "?") -> np.ndarray:
+        """``(pixel - mean_value) * scale`` of ``C x H x W`` pixels in float32 arithmetic (the
+        fork's): a contiguous float32 array."""
+        channels = chw.shape[0]
+        means = self.channel_means(channels, key)
+        pixels = np.empty(chw.shape, f32)
+        for c in range(channels):
+            np.subtract(chw[c], means[c], out=pixels[c], dtype=f32)
+        if self.param.scale != 1:
+            pixels *= f32(self.param.scale)
+        return pixels
+
+    def normalize_tensor(self, data: torch.Tensor) -> torch.Tensor:
+        """:meth:`normalize` of an ``N x C x H x W`` uint8 batch on its own device (CUDA: after
+        the 4-times smaller transfer), float32 values equal to the host's bit for bit: a uint8
+        is exact in float32 and each step is one correctly rounded float32 operation."""
+        means = torch.from_numpy(self.channel_means(data.shape[1])).to(data.device, non_blocking=True)
+        pixels = data.to(torch.float32).sub_(means.view(1, -1, 1, 1))
+        if self.param.scale != 1:
+            pixels.mul_(torch.tensor(f32(self.param.scale), dtype=torch.float32))
+        return pixels
+
+    def process(self, sample: Sample, rng: np.random.Generator,
+                uint8: bool = False) -> Tuple[np.ndarray, Objects]:
+        """One record through load_batch: distort, expand, sample + crop, transform (``uint8``:
+        8-bit pixels before the mean subtraction, see :meth:`_pixels`)."""
         p = self.param
         if not sample.encoded and (p.HasField("distort_param") or p.HasField("expand_param")):
             raise TransformError(f"record {sample.key}: distort_param/expand_param need encoded "
@@ -778,7 +818,7 @@ class SSDTransformer:
             boxes = generate_batch_samples(sample.objects.boxes, self.batch_samplers, rng)
             if boxes:
                 sample = self.crop(sample, boxes[int(rng.integers(len(boxes)))])
-        return self.transform(sample, rng)
+        return self.transform(sample, rng, uint8)
 
 
 def _transformer_from_bytes(param: bytes, phase: int, samplers: Sequence[bytes]) -> SSDTransformer:

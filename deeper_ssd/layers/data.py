@@ -2,6 +2,8 @@
 read their own source (:class:`DataLayer`, Caffe's BaseDataLayer; AnnotatedData reads an LMDB)."""
 from __future__ import annotations
 
+import os
+
 from ..proto import caffe_pb2
 from .base import Layer
 from .registry import register
@@ -38,7 +40,7 @@ class DataLayer(Layer):
 
     * :meth:`set_seed` — the augmentation seed and the batch index to continue from;
     * :attr:`batches_served` — index of the next batch (what a snapshot records);
-    * :meth:`configure_loader` — worker processes, prefetch, pinned memory;
+    * :meth:`configure_loader` — worker processes, prefetch, pinned memory, uint8 transfer;
     * :meth:`set_shard` — read only this rank's share (one process per GPU);
     * :attr:`timing` — a :class:`deeper_ssd.data.loader.DataTiming` (seconds each forward
       waited for its batch);
@@ -67,9 +69,10 @@ class DataLayer(Layer):
         raise NotImplementedError(f"{type(self).__name__} must implement batches_served")
 
     def configure_loader(self, num_workers: int = None, prefetch: int = None,
-                         pin_memory: bool = None) -> None:
-        """Worker processes, batches prefetched per worker, pinned memory (default: ignored,
-        the layer reads in the calling process)."""
+                         pin_memory: bool = None, uint8: bool = None) -> None:
+        """Worker processes, batches prefetched per worker, pinned memory, pixels moved as
+        uint8 and normalised on the net's device (default: ignored, the layer reads in the
+        calling process)."""
 
     def set_shard(self, rank: int, world_size: int) -> None:
         """Read every ``world_size``-th record starting at ``rank``; refused by default."""
@@ -90,14 +93,18 @@ class AnnotatedData(DataLayer):
     Tops: ``data`` ``(batch_size, C, H, W)`` float32 (H, W from ``resize_param`` or the crop;
     C 1 with ``force_gray`` else 3) and optionally ``label`` ``(1, 1, G, 8)`` float32, rows
     ``[item, label, instance, xmin, ymin, xmax, ymax, difficult]`` with normalised box
-    coordinates, one row of -1 when the batch has no object. Both are CPU tensors.
+    coordinates, one row of -1 when the batch has no object. Both are CPU tensors, except
+    ``data`` in uint8 mode, which is on the net's device.
 
     The database is opened at the first forward, never at construction (shape-only builds on
     the ``meta`` device read nothing). The :class:`DataLayer` knobs: default seed
     ``torch.initial_seed()`` when the first batch is read (batches depend only on the seed and
-    the start batch); 1 worker process, 3 batches prefetched per worker (Caffe's
-    PREFETCH_COUNT); records dealt round-robin over ranks as Caffe's DataReader does, by
-    default torch.distributed's rank and world size in TRAIN.
+    the start batch); :func:`deeper_ssd.data.loader.default_workers` worker processes, 3
+    batches prefetched per worker (Caffe's PREFETCH_COUNT); records dealt round-robin over
+    ranks as Caffe's DataReader does, by default torch.distributed's rank and world size in
+    TRAIN. On a CUDA net, by default, batches arrive in pinned host memory and 8-bit pixels
+    travel as uint8, ``(pixel - mean) * scale`` then runs on the GPU (the same float32 values,
+    :meth:`deeper_ssd.data.transforms.SSDTransformer.normalize_tensor`).
     """
 
     caffe_type = "AnnotatedData"
@@ -126,7 +133,7 @@ class AnnotatedData(DataLayer):
         self.image_shape = self.transformer.output_shape()
         self._seed = None
         self._start_batch = 0
-        self._workers, self._prefetch, self._pin = 1, 3, False
+        self._workers, self._prefetch, self._pin, self._uint8 = None, 3, None, None
         self._shard = None
         self._loader = None
         tops = [(dp.batch_size,) + self.image_shape]
@@ -142,9 +149,11 @@ class AnnotatedData(DataLayer):
         self._seed, self._start_batch = int(seed), int(start_batch)
 
     def configure_loader(self, num_workers: int = None, prefetch: int = None,
-                         pin_memory: bool = None) -> None:
+                         pin_memory: bool = None, uint8: bool = None) -> None:
         """Worker processes (0 = decode in the calling process), batches prefetched per worker,
-        pinned host memory; takes effect at the next forward (the read position is kept)."""
+        pinned host memory, uint8 pixels normalised on the net's device (pinning and uint8
+        default to on for a CUDA net); takes effect at the next forward (the read position is
+        kept)."""
         position = self.batches_served
         self.close()
         self._start_batch = position
@@ -154,6 +163,18 @@ class AnnotatedData(DataLayer):
             self._prefetch = max(1, int(prefetch))
         if pin_memory is not None:
             self._pin = bool(pin_memory)
+        if uint8 is not None:
+            self._uint8 = bool(uint8)
+
+    def loader_settings(self, world_size: int = 1) -> dict:
+        """The settings the next forward starts its loader with: ``num_workers``,
+        ``prefetch``, ``pin_memory``, ``uint8`` (defaults resolved for ``world_size`` training
+        processes and this layer's device)."""
+        from ..data.loader import default_workers
+        cuda = self.device_for_blobs.type == "cuda"
+        return dict(num_workers=default_workers(world_size) if self._workers is None else self._workers,
+                    prefetch=self._prefetch, pin_memory=cuda if self._pin is None else self._pin,
+                    uint8=(cuda if self._uint8 is None else self._uint8) and self.transformer.uint8_capable)
 
     def set_shard(self, rank: int, world_size: int) -> None:
         """Read every ``world_size``-th record starting at ``rank`` (one process per GPU)."""
@@ -189,21 +210,25 @@ class AnnotatedData(DataLayer):
         if not keys:
             raise self.error(f"LMDB {self.lp.data_param.source} has no records")
         rank, world = self._shard or (0, 1)
-        if self._shard is None and self.phase == caffe_pb2.TRAIN:
-            dist = torch.distributed
-            if dist.is_available() and dist.is_initialized():
+        dist = torch.distributed
+        processes = world                     # training processes sharing this machine's cores
+        if dist.is_available() and dist.is_initialized():
+            processes = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
+            if self._shard is None and self.phase == caffe_pb2.TRAIN:
                 rank, world = dist.get_rank(), dist.get_world_size()
         seed = self._seed if self._seed is not None else torch.initial_seed() % (1 << 63)
         self._seed = seed
+        settings = self.loader_settings(processes)
         dataset = AnnotatedBatches(
             self.lp.data_param.source, keys, self.lp.data_param.batch_size, self.transformer,
             self.image_shape, seed, output_labels=len(self.lp.top) > 1,
             anno_type_override=self.lp.annotated_data_param.HasField("anno_type"),
-            rank=rank, world_size=world, where=where)
-        self._loader = BatchLoader(dataset, self._start_batch, self._workers, self._prefetch,
-                                   self._pin, self.timing)
+            rank=rank, world_size=world, where=where, uint8=settings["uint8"])
+        self._loader = BatchLoader(dataset, self._start_batch, settings["num_workers"],
+                                   settings["prefetch"], settings["pin_memory"], self.timing)
 
     def forward(self):
+        import torch
         from ..data.transforms import TransformError
         if self._loader is None:
             self._open()
@@ -211,4 +236,6 @@ class AnnotatedData(DataLayer):
             data, label = self._loader.next()
         except TransformError as err:
             raise self.error(str(err)) from None
+        if data.dtype == torch.uint8:
+            data = self.transformer.normalize_tensor(data.to(self.device_for_blobs, non_blocking=True))
         return (data, label) if len(self.lp.top) > 1 else data

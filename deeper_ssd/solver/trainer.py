@@ -250,7 +250,8 @@ class Solver:
     torch device (default: solver_mode); ``log``: a ``print``-like callable for Caffe's log
     lines; ``progress``: called with a :class:`Progress` after every update; ``comm``: a
     :class:`deeper_ssd.solver.distributed.Communicator` for one process per GPU (root = rank 0
-    tests, logs and snapshots); ``data_workers``: worker processes of the train data layers;
+    tests, logs and snapshots); ``data_workers``: worker processes of each data layer, train and test
+    (default :func:`deeper_ssd.data.loader.default_workers`);
     ``channels_last``: :func:`use_channels_last` on every net (a CPU speed option).
     """
 
@@ -290,6 +291,8 @@ class Solver:
         for layers in self._test_data_layers:
             for layer in layers:
                 layer.set_seed(self.seed)
+                if data_workers is not None:
+                    layer.configure_loader(num_workers=data_workers)
         if channels_last:
             for net in [self.train_net] + self.test_nets:
                 use_channels_last(net)
