@@ -356,3 +356,28 @@ def test_text_detection_deploy_matches_opencv_layer_by_layer(tmp_path):
     plan = shapes.plan_net(net, caffe_pb2.TEST, device="meta")
     assert plan.blob_shapes["mbox_priorbox"] == (1, 2, 4 * (16 * 32 * 8 + 8 * 16 * 4))
     assert compare_with_opencv(deploy) == len(net.layer)    # every layer, priors and detections included
+
+
+def test_priors_are_computed_once_per_shape_dtype_and_device(monkeypatch):
+    """Forward caches by (feature size, image size, dtype, device): a repeat is the same tensor
+    with no computation, another feature or image size or dtype is computed afresh, and every
+    result equals a fresh computation."""
+    layer = build(prior_layer(SSD300_CONV4), [(1, 8, 4, 4), (1, 3, 32, 32)])
+    calls = []
+    compute = layer.priors
+    monkeypatch.setattr(layer, "priors", lambda *a: calls.append(a) or compute(*a))
+
+    def forward(feature_hw, image_hw, dtype=torch.float32):
+        return layer(torch.zeros(2, 8, *feature_hw, dtype=dtype), torch.zeros(2, 3, *image_hw, dtype=dtype))
+
+    first = forward((4, 4), (32, 32))
+    assert forward((4, 4), (32, 32)) is first and len(calls) == 1
+    other_feature, other_image = forward((5, 4), (32, 32)), forward((4, 4), (40, 32))
+    doubles = forward((4, 4), (32, 32), torch.float64)
+    assert len(calls) == 4 and other_feature.shape[2] == 5 * 4 * 4 * 4 and doubles.dtype == torch.float64
+    for out, args in zip((first, other_feature, other_image, doubles), calls):
+        assert torch.equal(out, compute(*args))
+    assert not torch.equal(other_image, priors(SSD300_CONV4, (4, 4), (32, 32))[..., :other_image.shape[2]])
+    for size in range(6, 6 + layer.CACHE_SIZE):             # the cache stays bounded
+        forward((size, size), (32, 32))
+    assert len(layer._prior_cache) <= layer.CACHE_SIZE

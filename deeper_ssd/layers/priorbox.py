@@ -112,6 +112,7 @@ class PriorBox(Layer):
         else:
             self.offsets_hw = [(p.offset, p.offset)]
         self.clip = p.clip
+        self._prior_cache = {}
         self._box_sides = self._cell_box_sides()
         self.num_priors = len(self._box_sides) * len(self.offsets_hw)
         dim = feature[2] * feature[3] * self.num_priors * 4
@@ -169,6 +170,19 @@ class PriorBox(Layer):
         variances = variances.repeat(boxes.numel() // 4)
         return torch.stack([boxes, variances]).unsqueeze(0)
 
+    #: distinct (feature size, image size, dtype, device) kept; more are rare (a few test sizes)
+    CACHE_SIZE = 8
+
     def forward(self, feature, image):
-        return self.priors(tuple(feature.shape[2:]), tuple(image.shape[2:]), feature.dtype,
-                           feature.device)
+        """The priors for these bottoms' sizes, computed once per (feature size, image size,
+        dtype, device): they depend on nothing else, and recomputing them costs host-to-device
+        copies and kernel launches every forward. The cached tensor is returned itself (no
+        layer writes into a prior blob)."""
+        key = (tuple(feature.shape[2:]), tuple(image.shape[2:]), feature.dtype, feature.device)
+        cache = self._prior_cache
+        top = cache.get(key)
+        if top is None:
+            if len(cache) >= self.CACHE_SIZE:
+                cache.clear()
+            top = cache[key] = self.priors(*key)
+        return top
