@@ -2,6 +2,7 @@
 (here, in OpenCV and in real Caffe), on the zoo's BatchNorm model and on hand-written nets with
 depthwise, grouped-deconvolution and bias-free convolutions; unfoldable BatchNorms stay."""
 import numpy as np
+import pytest
 import torch
 
 from deeper_ssd import io
@@ -148,29 +149,34 @@ def _opencv_agrees(merged, model, tmp_path):
     assert len(result.layers) >= len(merged.layer) - 2 and not result.failures(1e-4)
 
 
-def test_merged_files_match_the_unmerged_net_in_caffe(oracle):
-    deploy = _net(_CONVS + _KEPT.replace("batch_norm_param { use_global_stats: false }", ""))
+@pytest.mark.parametrize("case", ["hand-written", "zoo"])
+def test_merged_files_match_the_unmerged_net_in_caffe(oracle, case):
+    if case == "zoo":
+        deploy, blobs = zoo.get("deeper_ssd500_tiny").nets()["deploy"], ("mbox_loc", "mbox_conf_flatten")
+    else:
+        deploy, blobs = _net(_CONVS + _KEPT.replace("batch_norm_param { use_global_stats: false }", "")), ("cat", "c2_relu")
     weights, merged, model, report = _merged(deploy, seed=4)
-    assert "c1" in report.folded
-    x = np.random.default_rng(4).uniform(-120, 130, (2, 4, 9, 9)).astype(np.float32)
+    assert {name for name, _ in report.kept} == (set() if case == "zoo" else {"c2_bn", "cat_bn"})
     net = Net(deploy, "TEST")
     net.load_caffemodel(weights)
+    x = np.random.default_rng(4).uniform(-120, 130, net.blob_shapes["data"]).astype(np.float32)
     with torch.no_grad():
-        ours = net(data=torch.from_numpy(x))
-    theirs = oracle.run('''
+        net(keep_blobs=True, data=torch.from_numpy(x))
+    theirs = oracle.run(f'''
         for tag in ("plain", "merged"):
             net = caffe.Net(tag + ".prototxt", tag + ".caffemodel", caffe.TEST)
             net.blobs["data"].data[...] = np.load("x.npy")
-            result = net.forward()
-            for name in ("cat", "c2_relu"):
-                out[tag + "_" + name] = result[name].copy()
+            net.forward()
+            for name in {blobs!r}:
+                out[tag + "_" + name] = net.blobs[name].data.copy()
     ''', {"plain.prototxt": io.message_to_text(deploy), "plain.caffemodel": weights.SerializeToString(),
           "merged.prototxt": io.message_to_text(merged), "merged.caffemodel": model.SerializeToString(),
           "x.npy": x})
-    for name in ("cat", "c2_relu"):
+    for name in blobs:
+        ours = net.blobs[name].numpy()
         for tag in ("plain", "merged"):
-            np.testing.assert_allclose(theirs[f"{tag}_{name}"], ours[name].numpy(), rtol=1e-4,
-                                       atol=1e-4 * float(ours[name].abs().max()), err_msg=f"{tag} {name}")
+            np.testing.assert_allclose(theirs[f"{tag}_{name}"], ours, rtol=1e-4, atol=1e-4 * np.abs(ours).max(),
+                                       err_msg=f"{tag} {name}")
 
 
 def test_cli_merge_bn_writes_both_files_and_refuses_missing_weights(tmp_path, capsys):
