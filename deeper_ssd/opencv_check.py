@@ -190,10 +190,14 @@ def compare(deploy: Union[str, Path, caffe_pb2.NetParameter], weights: Optional[
     x = np.random.default_rng(seed).uniform(-120, 130, shape).astype(np.float32)
 
     outputs = {}
+    following = {a.name: b.name for a, b in zip(net.layers, list(net.layers)[1:])}
 
     def keep(layer, args, out):        # copies: a later in-place layer overwrites its bottom
         first = out[0] if isinstance(out, tuple) else out
-        outputs[layer.name] = first.detach().clone().numpy()
+        # a BatchNorm the net runs together with the Scale after it gets that Scale's blobs as
+        # extra arguments and returns the Scale's output: compare it under the Scale's name
+        name = following[layer.name] if len(args) > len(layer.lp.bottom) else layer.name
+        outputs[name] = first.detach().clone().numpy()
 
     hooks = [layer.register_forward_hook(keep) for layer in net.layers]
     try:
@@ -203,7 +207,8 @@ def compare(deploy: Union[str, Path, caffe_pb2.NetParameter], weights: Optional[
         for hook in hooks:
             hook.remove()
     skipped = [] if has_integer_prior_sizes(net_param) else _downstream_of(net_param, "PriorBox")
-    compared = [layer for layer in net.layers if layer.caffe_type != "Input" and layer.name not in skipped]
+    compared = [layer for layer in net.layers if layer.caffe_type != "Input" and layer.name not in skipped
+                and layer.name in outputs]
     with tempfile.TemporaryDirectory() as tmp:
         prototxt, model = Path(tmp) / "deploy.prototxt", Path(tmp) / "weights.caffemodel"
         io.write_net(net_param, prototxt)

@@ -37,6 +37,21 @@ def test_opencv_check_prints_every_layer_of_a_small_net(tmp_path, capsys):
     assert "2x4x6x6" in out and "\nrelu " in out and "2 layers compared, 0 differ" in out
 
 
+def test_opencv_check_compares_a_batchnorm_net_whose_scale_runs_fused(tmp_path, capsys):
+    from deeper_ssd import cli
+    net = tmp_path / "deploy.prototxt"
+    net.write_text('name: "n" input: "data" input_shape { dim: 1 dim: 3 dim: 8 dim: 8 }\n'
+                   'layer { name: "conv" type: "Convolution" bottom: "data" top: "conv" '
+                   'convolution_param { num_output: 4 kernel_size: 3 weight_filler { type: "gaussian" std: 1 } } }\n'
+                   'layer { name: "bn" type: "BatchNorm" bottom: "conv" top: "conv" }\n'
+                   'layer { name: "scale" type: "Scale" bottom: "conv" top: "conv" scale_param { bias_term: true '
+                   'filler { type: "uniform" min: 0.5 max: 2 } bias_filler { type: "gaussian" std: 1 } } }\n'
+                   'layer { name: "relu" type: "ReLU" bottom: "conv" top: "conv" }\n')
+    assert cli.main(["opencv-check", str(net), "--all"]) == 0
+    out = capsys.readouterr().out
+    assert "\nscale " in out and "\nrelu " in out and "3 layers compared, 0 differ" in out
+
+
 def test_opencv_check_fails_and_names_a_differing_layer(monkeypatch, capsys):
     from deeper_ssd import cli, opencv_check
     rows = [opencv_check.LayerDifference("conv", "Convolution", (1, 4), 1e-7, 1.0),
