@@ -491,3 +491,24 @@ def test_create_annoset_tool_reads_visdrone(visdrone, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "1 records, 4 objects, 1 VisDrone ignored-regions (category 0) dropped, " \
            "1 VisDrone others (category 11) dropped" in proc.stdout
+
+
+def test_a_shuffled_list_over_two_jsons_parses_each_once(aitod, tmp_path, monkeypatch):
+    from deeper_ssd.data import annoset
+    write_image(aitod / "images" / "val" / "v1.png", 30, 30, 9)
+    (aitod / "annotations" / "instances_val.json").write_text(json.dumps({
+        "images": [{"id": 1, "file_name": "v1.png", "height": 30, "width": 30}],
+        "categories": [{"id": 4, "name": "ship"}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 4, "bbox": [1, 2, 3, 4]}]}))
+    lists.create_lists(aitod, tmp_path / "l", "coco", ["images/train:annotations/instances_train.json",
+                                                       "images/val:annotations/instances_val.json"], [], seed=6)
+    order = [line.split()[1] for line in (tmp_path / "l" / "trainval.txt").read_text().splitlines()]
+    assert order[0] == order[2] != order[1]                      # train, val, train: alternating
+    parsed = []
+    real_loads = annoset.json.loads
+    monkeypatch.setattr(annoset.json, "loads", lambda text: parsed.append(1) or real_loads(text))
+    build_annoset(aitod, tmp_path / "l" / "trainval.txt", tmp_path / "db", detection("coco", AITOD_MAP))
+    assert len(parsed) == 2
+    got = {key.split("/")[-1]: objects(a) for key, a in records(tmp_path / "db")}
+    assert got["v1.png"] == [(4, 0, False, norm(1, 30), norm(2, 30), norm(4, 30), norm(6, 30))]
+    assert len(got["P0001__1024__0___0.png"]) == 3 and got["no_objects.png"] == []

@@ -400,10 +400,11 @@ def _fill_visdrone(anno_datum, path: str, image_hw, name_to_label, counts) -> No
 
 def _coco_index(path: str) -> Tuple[Dict[str, dict], Dict[int, list], Dict[int, str]]:
     """An instances json, indexed: ``file_name -> image``, ``image id -> annotations`` (file
-    order), ``category id -> name``. Cached per file and modification time."""
+    order), ``category id -> name``. Cached per file and modification time (the last
+    :data:`COCO_CACHE_FILES` files: a shuffled list alternates between its jsons)."""
     stat = os.stat(path)
     key = (os.path.realpath(path), stat.st_mtime_ns, stat.st_size)
-    if _COCO_CACHE.get("key") != key:
+    if key not in _COCO_CACHE:
         try:
             doc = json.loads(Path(path).read_text(encoding="utf-8"))
             images = {str(im["file_name"]): im for im in doc["images"]}
@@ -416,12 +417,15 @@ def _coco_index(path: str) -> Tuple[Dict[str, dict], Dict[int, list], Dict[int, 
         except (KeyError, TypeError) as err:
             raise AnnosetError(f"{path}: not a COCO instances file (needs 'images' with 'file_name' "
                                f"and 'categories' with 'id' and 'name'; {type(err).__name__}: {err})") from None
-        _COCO_CACHE.update(key=key, value=(images, per_image, categories))
-    return _COCO_CACHE["value"]
+        while len(_COCO_CACHE) >= COCO_CACHE_FILES:
+            del _COCO_CACHE[next(iter(_COCO_CACHE))]
+        _COCO_CACHE[key] = (images, per_image, categories)
+    return _COCO_CACHE[key]
 
 
-#: the last instances json read (one list file refers to one json on every line)
-_COCO_CACHE: Dict[str, object] = {}
+#: instances jsons kept parsed, oldest dropped first
+COCO_CACHE_FILES = 4
+_COCO_CACHE: Dict[tuple, tuple] = {}
 
 
 def _fill_coco(anno_datum, path: str, image_path: str, image_hw, name_to_label, warnings) -> None:
