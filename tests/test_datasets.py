@@ -512,3 +512,36 @@ def test_a_shuffled_list_over_two_jsons_parses_each_once(aitod, tmp_path, monkey
     got = {key.split("/")[-1]: objects(a) for key, a in records(tmp_path / "db")}
     assert got["v1.png"] == [(4, 0, False, norm(1, 30), norm(2, 30), norm(4, 30), norm(6, 30))]
     assert len(got["P0001__1024__0___0.png"]) == 3 and got["no_objects.png"] == []
+
+
+def test_voc_recipe_from_the_command_line(tmp_path, capsys):
+    root = voc_tree(tmp_path / "VOCdevkit")
+    for year, ids in (("VOC2007", ["000005", "000007", "000001"]), ("VOC2012", ["2008_000002"])):
+        (root / year / "Annotations").mkdir()
+        for i in ids:
+            (root / year / "Annotations" / f"{i}.xml").write_text(
+                f"<annotation><size><width>40</width><height>{30 + len(i)}</height></size><object>"
+                "<name>dog</name><bndbox><xmin>1</xmin><ymin>2</ymin><xmax>20</xmax><ymax>30</ymax>"
+                "</bndbox></object></annotation>")
+    out = tmp_path / "data" / "VOC0712"
+    assert cli.main(["create-list", str(root), str(out), "--layout", "voc"]) == 0
+    for subset, count in (("trainval", 3), ("test", 1)):
+        assert cli.main(["create-data", "--anno-type", "detection", "--label-map-file",
+                         str(REPO / "data" / "labelmap_voc.prototxt"), "--encode-type", "jpg", "--encoded",
+                         str(root), str(out / f"{subset}.txt"), str(tmp_path / f"VOC0712_{subset}_lmdb")]) == 0
+        assert len(records(tmp_path / f"VOC0712_{subset}_lmdb")) == count
+    assert (out / "test_name_size.txt").read_text() == "000001 36 40\n"
+    assert "3 records, 3 objects" in capsys.readouterr().out
+
+
+def test_zoominnet_variant_of_a_visdrone_model(tmp_path, capsys):
+    assert cli.main(["generate", "ssd300_visdrone", "--head", "zoomin", "--out", str(tmp_path)]) == 0
+    student = io.read_net(tmp_path / "ssd300_visdrone_zoomin" / "train.prototxt")
+    teacher = io.read_net(tmp_path / "ssd300_visdrone_zoomin_teacher" / "train.prototxt")
+    for net in (student, teacher):
+        data = [layer for layer in net.layer if layer.type == "AnnotatedData"][0]
+        assert data.annotated_data_param.label_map_file == "data/labelmap_visdrone.prototxt"
+        assert data.data_param.source == "examples/VisDrone/VisDrone_trainval_lmdb"
+        loss = [layer for layer in net.layer if layer.type == "MultiBoxLoss"][0].multibox_loss_param
+        assert loss.num_classes == 11 and not loss.use_difficult_gt
+    assert any(layer.type == "PositionAwareL2Loss" for layer in student.layer)
