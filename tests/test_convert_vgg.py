@@ -132,6 +132,11 @@ def test_cli_and_refusals(converted, tmp_path, capsys):
     torch.save(state, tmp_path / "bad.pth")
     assert cli.main(["convert-vgg", str(tmp_path / "bad.pth"), str(tmp_path / "c.caffemodel")]) == 2
     assert "'features.0.weight' has shape (1,), VGG16 needs (64, 3, 3, 3)" in capsys.readouterr().err
+    # torchvision's own vgg16-397923af.pth predates the zip format: the legacy format loads too
+    torch.save({"features.0.weight": torch.zeros(64, 3, 3, 3)}, tmp_path / "legacy.pth",
+               _use_new_zipfile_serialization=False)
+    assert cli.main(["convert-vgg", str(tmp_path / "legacy.pth"), str(tmp_path / "c.caffemodel")]) == 2
+    assert "no 'features.0.bias' in the state dict" in capsys.readouterr().err
     (tmp_path / "text.pth").write_text("not a pickle")
     assert cli.main(["convert-vgg", str(tmp_path / "text.pth"), str(tmp_path / "c.caffemodel")]) == 2
     assert "not a PyTorch state dict" in capsys.readouterr().err
