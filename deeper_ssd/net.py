@@ -76,6 +76,7 @@ class _Step:
     detach: Tuple[bool, ...]              # per bottom: propagate_down false
     loss_weights: Tuple[float, ...]       # per top, 0 = not part of the objective
     free_after: Tuple[int, ...]           # slots whose last reader is this step
+    host: Tuple[bool, ...] = ()           # per bottom: the layer reads it on the host
     affine: Optional[Layer] = None        # a BatchNorm step running the next Scale layer too
 
 
@@ -143,8 +144,9 @@ class Net(torch.nn.Module):
                 else (False,) * len(lp.bottom)
             bottom_slots = tuple(self._slot[name] for name in step.bottoms)
             free = tuple(sorted({s for s in bottom_slots if last_read.get(s) == index and s not in keep}))
+            host = tuple(i in layer.host_bottoms for i in range(len(bottom_slots)))
             steps.append(_Step(layer, bottom_slots, tuple(self._slot[n] for n in step.tops),
-                               detach, weights, free))
+                               detach, weights, free, host=host))
         return self._fuse_batchnorm_scale(steps)
 
     @staticmethod
@@ -259,6 +261,7 @@ class Net(torch.nn.Module):
             raise KeyError(f"net '{self.name}' has no input named {', '.join(sorted(unknown))}; "
                            f"inputs: {', '.join(self.inputs) or 'none'}")
         device = self.device
+        hosts: Dict[int, torch.Tensor] = {}         # source tops made on the host, before the move
         loss = None
         for step in self._steps:
             layer = step.layer
@@ -267,12 +270,16 @@ class Net(torch.nn.Module):
             else:
                 bottoms = [values[s].detach() if cut else values[s]
                            for s, cut in zip(step.bottom_slots, step.detach)]
+                if any(step.host):
+                    bottoms = [hosts.get(s, b) if h else b for s, b, h in zip(step.bottom_slots, bottoms, step.host)]
                 tops = layer(*bottoms, *step.affine.blobs) if step.affine is not None \
                     else layer(*bottoms)
             if isinstance(tops, torch.Tensor):
                 tops = (tops,)
             for slot, top, weight in zip(step.top_slots, tops, step.loss_weights):
+                hosts.pop(slot, None)                      # an in-place layer rewrote it
                 if layer.is_source and top.device != device:
+                    hosts[slot] = top
                     top = top.to(device, non_blocking=True)
                 values[slot] = top
                 if weight:
@@ -281,6 +288,7 @@ class Net(torch.nn.Module):
             if not keep_blobs:
                 for slot in step.free_after:
                     values[slot] = None
+                    hosts.pop(slot, None)
         if keep_blobs:
             self.blobs = {name: values[slot] for name, slot in self._slot.items()}
         outputs = NetOutputs((name, values[slot]) for name, slot in zip(self.outputs, self._output_slots))

@@ -435,3 +435,66 @@ def test_agnostic_matches_caffe(oracle):
     terms, dloc, dconf = run("num_classes: 2 map_object_to_agnostic: true code_type: CENTER_SIZE", *batch)
     assert terms.loss.item() == pytest.approx(float(loss), rel=2e-6)
     np.testing.assert_allclose(dconf.numpy(), cdconf, atol=2e-7)
+
+
+# ---------------------------------------------------------------------------------------------
+# host syncs: counted on tensors that stand for device memory
+
+class _OnDevice(torch.Tensor):
+    """A CPU tensor standing for device memory: results of torch functions on it are _OnDevice
+    too, and every read of its values by the host (what waits for a GPU) is counted."""
+    reads = 0
+    HOST_READS = {"item", "tolist", "nonzero", "numpy", "cpu", "__bool__", "__int__", "__float__",
+                  "__index__"}
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in cls.HOST_READS:
+            cls.reads += 1
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+@pytest.mark.parametrize("fields, expected", [
+    # the matches; mining: the largest negative count, and box.top_candidates' two checks
+    # (a non-finite score among the candidates, a tie at the cut)
+    ("code_type: CENTER_SIZE", 4),
+    ("code_type: CORNER mining_type: NONE", 1),
+    ("code_type: CENTER_SIZE use_prior_for_matching: false", 4),
+])
+@pytest.mark.parametrize("normalization", ["VALID", "FULL", "BATCH_SIZE", "NONE"])
+def test_host_syncs_counted_and_a_host_label_saves_one(fields, expected, normalization):
+    loc, conf, prior, label = random_batch(4, n=3, k=40, c=4)
+    layer = make(f"num_classes: 4 {fields}", [tuple(loc.shape), tuple(conf.shape), tuple(prior.shape),
+                                              tuple(label.shape)], f"loss_param {{ normalization: {normalization} }}")
+    reference = layer.terms(loc, conf, prior, label)
+
+    def reads(label_on_device):
+        _OnDevice.reads = 0
+        device = [t.as_subclass(_OnDevice) for t in (loc, conf, prior)]
+        terms = layer.terms(*device, label.as_subclass(_OnDevice) if label_on_device else label)
+        assert isinstance(terms.loss, _OnDevice)
+        assert torch.equal(terms.loss.as_subclass(torch.Tensor), reference.loss)
+        return _OnDevice.reads
+
+    assert reads(label_on_device=False) == expected
+    assert reads(label_on_device=True) == expected + 1      # the padded object count and checks
+
+
+def test_the_net_hands_the_loss_its_host_label(monkeypatch):
+    """On a net whose device is not the CPU (here 'meta'), the label a data layer made on the
+    host reaches MultiBoxLoss as that host tensor; the other blobs are on the net's device."""
+    from deeper_ssd.net import Net
+    from support.tiny_ssd import tiny_net
+    seen = {}
+
+    def forward(self, loc, conf, prior, label):
+        seen.update(loc=loc.device, label=label)
+        return loc.sum() * 0
+    monkeypatch.setattr(MultiBoxLoss, "forward", forward)
+    from google.protobuf import text_format
+    param = text_format.Parse(tiny_net("TRAIN", "/nonexistent", "/nonexistent", 2, True), caffe_pb2.NetParameter())
+    net = Net(param, "TRAIN", device="meta")
+    data = torch.zeros(net.blob_shapes["data"]).view(-1, *net.blob_shapes["data"][1:])
+    label = label_blob([[0, 1, 0, 0.1, 0.1, 0.5, 0.5, 0]])
+    net(data=data, label=label)
+    assert seen["loc"].type == "meta" and seen["label"] is label

@@ -63,6 +63,9 @@ class Layer(torch.nn.Module):
     is_source: ClassVar[bool] = False
     #: element-wise layers that can overwrite their bottom when the net says it is safe
     supports_in_place: ClassVar[bool] = False
+    #: bottoms read on the host (Caffe's cpu_data): when a source layer made such a blob on the
+    #: host for a net on another device, the Net passes the host tensor as well as moving it
+    host_bottoms: ClassVar[Tuple[int, ...]] = ()
 
     def __init__(self, lp: caffe_pb2.LayerParameter, bottom_shapes: Sequence[Shape],
                  phase: int = caffe_pb2.TEST, device=None):
@@ -101,6 +104,9 @@ class Layer(torch.nn.Module):
     def add_blob(self, shape: Sequence[int], filler: Optional[caffe_pb2.FillerParameter] = None,
                  learnable: bool = True) -> torch.nn.Parameter:
         """Create the next parameter blob (Caffe order), uninitialised; ``filler`` fills it later."""
+        if any(int(d) < 0 for d in shape):
+            raise self.error(f"parameter blob {len(self.blobs)} would have shape {format_shape(shape)}: "
+                             "a dimension it depends on (an input's channels?) is unknown or negative")
         blob = torch.nn.Parameter(
             torch.empty(tuple(shape), dtype=torch.float32, device=self.device_for_blobs),
             requires_grad=learnable)

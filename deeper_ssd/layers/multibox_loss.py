@@ -26,6 +26,7 @@ class MultiBoxLoss(Layer):
     caffe_type = "MultiBoxLoss"
     num_bottoms = (4, 4)
     is_loss = True
+    host_bottoms = (3,)              # the label blob: its checks and counts need no device sync
 
     def setup(self, bottoms):
         p = self.lp.multibox_loss_param
@@ -83,15 +84,20 @@ class MultiBoxLoss(Layer):
         gradient; the loss is in the dtype of ``loc``/``conf``, and its autograd gradients are
         Caffe's backward (including its quirk with ``encode_variance_in_target``, where the
         gradient w.r.t. ``pred / variance`` is written unscaled to ``mbox_loc``).
-        Three host syncs, each a count Caffe needs: the padded object count (with the label
-        checks), the matched priors and the largest number of negatives.
+        Host syncs: the matched priors and, when mining, the largest number of negatives (counts
+        Caffe needs). The padded object count and the label checks cost a third one only when
+        ``label`` is on the device: a label on the host (as a data layer makes it; the Net
+        passes it so, :attr:`host_bottoms`) is read there and its padded objects are copied over
+        without waiting for the device.
         """
         p = self.param
         n, k, c, nl = loc.shape[0], self.num_priors, self.num_classes, self.loc_classes
         priors = prior[0, 0].detach().float().view(k, 4).to(loc.device)
         variances = prior[0, 1].detach().float().view(k, 4).to(loc.device)
         max_label = None if p.map_object_to_agnostic else c
-        gt = read_ground_truth(self, label.to(loc.device), n, p.use_difficult_gt, max_label=max_label)
+        gt = read_ground_truth(self, label, n, p.use_difficult_gt, max_label=max_label)
+        if gt.boxes.device != loc.device:
+            gt = GroundTruth(*(t.to(loc.device, non_blocking=True) for t in gt))
         loc4 = loc.view(n, k, nl, 4).transpose(1, 2)                       # [N, L, K, 4]
         conf3 = conf.view(n, k, c)
         decoded = None
@@ -279,16 +285,12 @@ class MultiBoxLoss(Layer):
         return box.positions_mask(order, chosen, k)
 
     def _normalizer(self, n, k, num_matches, dtype):
-        """LossLayer::GetNormalizer, at least 1."""
-        if self.normalization == _LOSS.FULL:
-            value = torch.tensor(float(n * k))
-        elif self.normalization == _LOSS.VALID:
-            value = num_matches
-        elif self.normalization == _LOSS.BATCH_SIZE:
-            value = torch.tensor(float(n))
-        else:
-            value = torch.tensor(1.0)
-        return value.to(device=num_matches.device, dtype=dtype).clamp(min=1)
+        """LossLayer::GetNormalizer, at least 1 (made on the device: no host-to-device copy)."""
+        if self.normalization == _LOSS.VALID:
+            return num_matches.to(dtype).clamp(min=1)
+        value = {_LOSS.FULL: n * k, _LOSS.BATCH_SIZE: n}.get(self.normalization, 1)
+        value = float(np.float32(value))                    # as the float32 tensor it was
+        return torch.full((), value, dtype=dtype, device=num_matches.device).clamp(min=1)
 
 
 _LOG_FLT_MIN = math.log(float(np.finfo(np.float32).tiny))
