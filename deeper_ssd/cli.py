@@ -675,8 +675,9 @@ def _time_arguments(p: argparse.ArgumentParser) -> None:
 
 
 @command("time", "caffe time: average forward and backward milliseconds per layer and per pass, on "
-         "filler weights. Data layers (AnnotatedData, Input) are fed synthetic images and random "
-         "ground-truth boxes, no database is read: the net is timed, not the reader", _time_arguments)
+         "filler weights; backward runs from the loss, or from every output with force_backward: "
+         "true in the net, as in Caffe. Data layers (AnnotatedData, Input) are fed synthetic images and "
+         "random ground-truth boxes, no database is read: the net is timed, not the reader", _time_arguments)
 def cmd_time(args) -> int:
     from .timing import TimingError, format_timing, time_file
     try:

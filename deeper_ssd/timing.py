@@ -4,11 +4,13 @@ One untimed forward + backward warms up; then every iteration runs
 
 * the net's forward with a timer around each layer (synchronising CUDA at both ends) and one
   around the whole pass, as Caffe's forward timer includes its per-layer timers;
-* the whole net's backward (autograd from every output that has a gradient, top gradient 1),
-  timed as one: the "backward pass" total;
-* each layer's backward on its own: the layer is run again on the bottoms it saw in the timed
-  forward (untimed) and only the gradient computation (bottoms that needed a gradient in the
-  net, learnable blobs) is timed, as Caffe times ``Layer::Backward``.
+* the whole net's backward, timed as one: the "backward pass" total. As in Caffe it starts
+  from the loss (the weighted loss tops) and reaches the layers the loss depends on; a net
+  with ``force_backward: true`` starts from every output (top gradient 1) and covers every
+  layer, a net with neither has no backward;
+* each of those layers' backward on its own: the layer is run again on the bottoms it saw in
+  the timed forward (untimed) and only the gradient computation (bottoms that needed a
+  gradient in the net, learnable blobs) is timed, as Caffe times ``Layer::Backward``.
 
 So per-layer backward times add up to about the total but not exactly (autograd runs the whole
 graph at once). Averages are in milliseconds per iteration. A layer the net runs fused into the
@@ -62,6 +64,7 @@ class NetTiming:
     device: str
     phase: str
     inputs: Dict[str, List[int]] = field(default_factory=dict)
+    backward_from: str = "the loss"
 
     @property
     def forward_backward_ms(self) -> float:
@@ -136,13 +139,30 @@ def _layer_backward_ms(layer, args, clock: _Clock) -> float:
     return clock.now() - start
 
 
-def time_net(net: Net, iterations: int = 50, inputs: Optional[Dict[str, torch.Tensor]] = None) -> NetTiming:
+def _backward_layers(net: Net, force_backward: bool) -> set:
+    """Names of the layers Caffe's backward runs: those the loss tops depend on, or every layer
+    with ``force_backward``."""
+    if force_backward:
+        return {layer.name for layer in net.layers}
+    blobs, needed = set(net.loss_weights), set()
+    for layer in reversed(net.layers):
+        if any(top in blobs for top in layer.lp.top):
+            needed.add(layer.name)
+            blobs.update(layer.lp.bottom)
+    return needed
+
+
+def time_net(net: Net, iterations: int = 50, inputs: Optional[Dict[str, torch.Tensor]] = None,
+             force_backward: bool = False) -> NetTiming:
     """Average forward and backward milliseconds of every layer of ``net`` and of the whole
     passes over ``iterations`` iterations (module docstring); ``inputs`` feed the source layers
-    (default :func:`synthetic_inputs`)."""
+    (default :func:`synthetic_inputs`). As in Caffe, backward starts from the loss and covers
+    the layers it depends on; ``force_backward`` (the NetParameter field) makes it start from
+    every output (top gradient 1) and cover every layer."""
     if iterations < 1:
         raise TimingError(f"iterations must be at least 1, got {iterations}")
     inputs = synthetic_inputs(net) if inputs is None else inputs
+    backward_layers = _backward_layers(net, force_backward)
     clock = _Clock(net.device)
     rows = {layer.name: LayerTiming(layer.name, layer.caffe_type) for layer in net.layers}
     seen: Dict[str, list] = {}
@@ -156,7 +176,7 @@ def time_net(net: Net, iterations: int = 50, inputs: Optional[Dict[str, torch.Te
         rows[layer.name].forward_ms += clock.now() - started[layer.name]
 
     def run_backward(outputs) -> None:
-        tensors = _tensor_outputs(list(outputs.values()))
+        tensors = _tensor_outputs(list(outputs.values())) if force_backward else _tensor_outputs(outputs.loss)
         if tensors:
             torch.autograd.backward(tensors, [torch.ones_like(t) for t in tensors])
 
@@ -177,7 +197,7 @@ def time_net(net: Net, iterations: int = 50, inputs: Optional[Dict[str, torch.Te
             del outputs
             net.zero_grad(set_to_none=True)
             for layer in net.layers:
-                if layer.name in seen and not layer.is_source:
+                if layer.name in seen and layer.name in backward_layers and not layer.is_source:
                     rows[layer.name].backward_ms += _layer_backward_ms(layer, seen[layer.name], clock)
             net.zero_grad(set_to_none=True)
     finally:
@@ -189,9 +209,11 @@ def time_net(net: Net, iterations: int = 50, inputs: Optional[Dict[str, torch.Te
         row.backward_ms /= iterations
         if layer.name not in seen:
             row.note = "fed (synthetic input)" if layer.is_source else "fused into the layer before"
+    backward_from = ("every output (force_backward)" if force_backward else
+                     "the loss" if net.loss_weights else "nothing (no loss and no force_backward, as in Caffe)")
     return NetTiming(list(rows.values()), forward_ms / iterations, backward_ms / iterations, iterations,
                      str(net.device), caffe_pb2.Phase.Name(net.phase),
-                     {name: list(t.shape) for name, t in inputs.items()})
+                     {name: list(t.shape) for name, t in inputs.items()}, backward_from)
 
 
 def format_timing(result: NetTiming, fmt: str = "md") -> str:
@@ -199,7 +221,7 @@ def format_timing(result: NetTiming, fmt: str = "md") -> str:
     both = f"forward + backward {result.forward_backward_ms:.3f} ms"
     if fmt == "json":
         return json.dumps({"iterations": result.iterations, "device": result.device, "phase": result.phase,
-                           "inputs": result.inputs, "layers": [asdict(r) for r in result.layers],
+                           "inputs": result.inputs, "backward_from": result.backward_from, "layers": [asdict(r) for r in result.layers],
                            "total": {"forward_ms": result.forward_ms, "backward_ms": result.backward_ms,
                                      "forward_backward_ms": result.forward_backward_ms}}, indent=1)
     if fmt == "csv":
@@ -213,8 +235,8 @@ def format_timing(result: NetTiming, fmt: str = "md") -> str:
     if fmt != "md":
         raise ValueError(f"unknown format {fmt!r} (md, csv, json)")
     shapes = ", ".join(f"{n} {'x'.join(map(str, s))}" for n, s in result.inputs.items())
-    lines = [f"{result.phase} net on {result.device}, average of {result.iterations} iterations; inputs {shapes}",
-             "", "| layer | type | forward ms | backward ms | note |", "|---|---|---:|---:|---|"]
+    lines = [f"{result.phase} net on {result.device}, average of {result.iterations} iterations; inputs {shapes}; "
+             f"backward from {result.backward_from}", "", "| layer | type | forward ms | backward ms | note |", "|---|---|---:|---:|---|"]
     lines += [f"| {r.name} | {r.type} | {r.forward_ms:.3f} | {r.backward_ms:.3f} | {r.note} |" for r in result.layers]
     lines.append(f"| **total** | | {result.forward_ms:.3f} | {result.backward_ms:.3f} | {both} |")
     return "\n".join(lines)
@@ -240,4 +262,4 @@ def time_file(path: Union[str, Path], phase: int = caffe_pb2.TRAIN, iterations: 
             raise LayerError(f"{path}: --input given but the net has no input layer")
         overrides = {sources[0].tops[0]: tuple(input_shape)}
     net = Net(param, phase, device=device, seed=0, input_shapes=overrides)
-    return time_net(net, iterations)
+    return time_net(net, iterations, force_backward=param.force_backward)

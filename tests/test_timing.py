@@ -61,7 +61,8 @@ def test_synthetic_labels_are_valid_boxes_for_every_image(train_timing):
 def test_formats_carry_the_same_rows_and_totals(train_timing):
     net, result = train_timing
     table = format_timing(result, "md").splitlines()
-    assert table[0].startswith("TRAIN net on cpu, average of 2 iterations; inputs data 4x3x64x64, label 1x1x16x8")
+    assert table[0] == ("TRAIN net on cpu, average of 2 iterations; inputs data 4x3x64x64, label 1x1x16x8; "
+                        "backward from the loss")
     body = [line for line in table if line.startswith("| ")][1:]           # after the header row
     assert len(body) == len(net.layers) + 1 and body[-1].startswith("| **total** |")
     rows = list(csv.DictReader(_io.StringIO(format_timing(result, "csv"))))
@@ -73,18 +74,28 @@ def test_formats_carry_the_same_rows_and_totals(train_timing):
         format_timing(result, "xml")
 
 
-def test_cli_time_deploy_with_input_override(tmp_path, capsys):
+def test_cli_time_deploy_with_input_override_and_force_backward(tmp_path, capsys):
     path = tmp_path / "deploy.prototxt"
-    path.write_text(_DEPLOY)
+    path.write_text("force_backward: true\n" + _DEPLOY)
     assert main(["time", str(path), "--phase", "TEST", "--iterations", "2", "--format", "json",
                  "--input", "2,3,12,12"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["phase"] == "TEST" and data["inputs"] == {"data": [2, 3, 12, 12]}
+    assert data["backward_from"] == "every output (force_backward)"
     assert [r["name"] for r in data["layers"]] == ["data", "conv", "relu", "best", "fc"]
     rows = {r["name"]: r for r in data["layers"]}
-    assert rows["best"]["backward_ms"] == 0 and rows["fc"]["backward_ms"] > 0
+    assert rows["best"]["backward_ms"] == 0 and rows["fc"]["backward_ms"] > 0 and data["total"]["backward_ms"] > 0
+
+
+def test_a_net_without_loss_or_force_backward_has_no_backward_as_in_caffe(tmp_path, capsys):
+    path = tmp_path / "deploy.prototxt"
+    path.write_text(_DEPLOY)
     assert main(["time", str(path), "--iterations", "1"]) == 0
-    assert capsys.readouterr().out.startswith("TRAIN net on cpu, average of 1 iterations")   # Caffe's default
+    out = capsys.readouterr().out
+    assert out.startswith("TRAIN net on cpu, average of 1 iterations")           # Caffe's default phase
+    assert "backward from nothing (no loss and no force_backward" in out
+    layer_rows = out.strip().splitlines()[4:-1]
+    assert len(layer_rows) == 5 and all(row.split("|")[4].strip() == "0.000" for row in layer_rows)
 
 
 def test_cli_time_refuses_bad_arguments_in_one_line(tmp_path, capsys):
