@@ -423,3 +423,40 @@ for i, (name, k) in enumerate([("conv1", 0), ("conv1", 1), ("conv2", 0), ("conv2
     full, _, _ = _our_steps(x, y, weights, 4)
     for i, w in enumerate(full):
         np.testing.assert_allclose(out[f"w{i}"], w, rtol=1e-5, atol=1e-6, err_msg=f"blob {i}")
+
+
+# ---------------------------------------------------------------------------------------------
+# the grouped foreach update equals Caffe's per-blob loop bit for bit
+
+@pytest.mark.parametrize("kind", ["SGD", "Nesterov", "AdaGrad", "RMSProp", "AdaDelta", "Adam"])
+@pytest.mark.parametrize("regularization, iter_size", [("L2", 1), ("L1", 3)])
+def test_foreach_update_equals_the_per_blob_loop(kind, regularization, iter_size):
+    from support import solver_reference
+    momentum = 0.0 if kind in ("AdaGrad", "RMSProp") else 0.9
+    param = solver(type=kind, momentum=momentum, momentum2=0.999, delta=1e-6, rms_decay=0.98,
+                   regularization_type=regularization, iter_size=iter_size, weight_decay=0.0005,
+                   clip_gradients=5.0 if regularization == "L1" else -1.0)
+    g = torch.Generator().manual_seed(7)
+    # mixed groups: (lr_mult, decay_mult) pairs shared by several blobs, one of each on its own,
+    # an lr_mult 0 blob, shapes from scalars to conv-sized
+    mults = [(1, 1), (2, 0), (1, 1), (0, 0), (2, 0), (0.1, 3), (1, 1)]
+    shapes = [(16, 8, 3, 3), (16,), (32, 16, 1, 1), (5,), (32,), (7, 3), ()]
+    ps = [P(f"l{i}", 0, torch.nn.Parameter(torch.randn(s, generator=g)), lr, dm)
+          for i, ((lr, dm), s) in enumerate(zip(mults, shapes))]
+    blobs = [p.blob.detach().clone() for p in ps]
+    rule = make_rule(param, ps)
+    history = [torch.zeros_like(b) for _ in range(rule.histories) for b in blobs]
+    assert len(rule.groups) == 4
+    for it in range(4):
+        grads = [torch.randn(b.shape, generator=g) * 10 ** (it - 2) for b in blobs]
+        for p, grad in zip(ps, grads):
+            p.blob.grad = grad.clone()
+        rate = 0.01 * (it + 1)
+        scale = rule.apply(rate, it)
+        assert (scale is not None) == (regularization == "L1" and it >= 2)     # clipped when large
+        solver_reference.apply(kind, param, blobs, grads, [m[0] for m in mults], [m[1] for m in mults],
+                               history, rate, it, clip_scale=scale)
+        for p, b in zip(ps, blobs):
+            assert torch.equal(p.blob.detach().view(torch.int32), b.view(torch.int32)), (kind, it, p.layer)
+        for h, ref in zip(rule.history, history):
+            assert torch.equal(h.view(torch.int32), ref.view(torch.int32))

@@ -18,6 +18,11 @@ Every learnable blob takes part (also those with ``lr_mult 0`` such as BatchNorm
 their gradient is zero, and Caffe keeps history for them). History blobs follow Caffe's order:
 one per learnable blob, AdaDelta and Adam append a second set (squared updates; second moment).
 Scalars are rounded to float32 as Caffe's ``Dtype`` arithmetic does.
+
+The blobs are updated in groups of equal ``(lr_mult, decay_mult)`` with ``torch._foreach_*``
+operations (a few kernel launches per group on CUDA instead of several per blob); each is the
+same element-wise operation with the same scalar as Caffe's per-blob step, so the values are
+those of a per-blob loop (tests/support/solver_reference.py, compared in tests/test_solver.py).
 """
 from __future__ import annotations
 
@@ -77,6 +82,11 @@ class UpdateRule:
         self.clip = _f32(param.clip_gradients)
         self._lr_mults = [_f32(p.lr_mult) for p in self.params]
         self._decays = [_f32(self.weight_decay * _f32(p.decay_mult)) for p in self.params]
+        groups: Dict[tuple, List[int]] = {}
+        for i, key in enumerate(zip(self._lr_mults, self._decays)):
+            groups.setdefault(key, []).append(i)
+        #: (blob indices, lr_mult, decay) of the blobs updated together
+        self.groups = [(indices, lr_mult, decay) for (lr_mult, decay), indices in groups.items()]
         self.history: List[torch.Tensor] = [torch.zeros_like(p.blob.detach())
                                             for _ in range(self.histories) for p in self.params]
 
@@ -109,26 +119,30 @@ class UpdateRule:
             norm = _f32(norm)
             if norm > self.clip:
                 scale = _f32(self.clip / norm)
-                for g in grads:
-                    g.mul_(scale)
+                torch._foreach_mul_(grads, scale)
         rate = _f32(rate)
         normalize = _f32(1.0 / self.iter_size) if self.iter_size != 1 else None
         l1 = self.param.regularization_type == "L1"
-        for i, (p, g) in enumerate(zip(self.params, grads)):
-            w = p.blob
+        for indices, lr_mult, decay in self.groups:
+            g = [grads[i] for i in indices]
+            w = [self.params[i].blob for i in indices]
             if normalize is not None:
-                g.mul_(normalize)
-            decay = self._decays[i]
+                torch._foreach_mul_(g, normalize)
             if decay:
-                g.add_(torch.sign(w) if l1 else w, alpha=decay)
-            update = self.compute(i, g, _f32(rate * self._lr_mults[i]), it)
-            w.sub_(update)
+                torch._foreach_add_(g, torch._foreach_sign(w) if l1 else w, alpha=decay)
+            torch._foreach_sub_(w, self.compute(indices, g, _f32(rate * lr_mult), it))
         return scale
 
-    def compute(self, i: int, g: torch.Tensor, local_rate: float, it: int) -> torch.Tensor:
-        """ComputeUpdateValue for blob ``i``: the value subtracted from the blob."""
-        h = self.history[i]
-        h.mul_(self.momentum).add_(g, alpha=local_rate)
+    def _history(self, indices: Sequence[int], set_index: int = 0) -> List[torch.Tensor]:
+        return [self.history[i + set_index * len(self.params)] for i in indices]
+
+    def compute(self, indices: Sequence[int], g: List[torch.Tensor], local_rate: float,
+                it: int) -> List[torch.Tensor]:
+        """ComputeUpdateValue for the blobs ``indices`` (gradients ``g``): the values
+        subtracted from them."""
+        h = self._history(indices)
+        torch._foreach_mul_(h, self.momentum)
+        torch._foreach_add_(h, g, alpha=local_rate)
         return h
 
     # -- solverstate ---------------------------------------------------------------------------
@@ -149,11 +163,13 @@ class Nesterov(UpdateRule):
     """``h' = m*h + lr*g``; update ``(1+m)*h' - m*h``."""
     type_name = "Nesterov"
 
-    def compute(self, i, g, local_rate, it):
-        h = self.history[i]
-        previous = h.clone()
-        h.mul_(self.momentum).add_(g, alpha=local_rate)
-        return previous.mul_(-self.momentum).add_(h, alpha=_f32(1.0 + self.momentum))
+    def compute(self, indices, g, local_rate, it):
+        h = self._history(indices)
+        update = torch._foreach_mul(h, -self.momentum)              # -m * previous h
+        torch._foreach_mul_(h, self.momentum)
+        torch._foreach_add_(h, g, alpha=local_rate)
+        torch._foreach_add_(update, h, alpha=_f32(1.0 + self.momentum))
+        return update
 
 
 class AdaGrad(UpdateRule):
@@ -165,10 +181,10 @@ class AdaGrad(UpdateRule):
         if param.momentum != 0:
             raise SolverTypeError("Momentum cannot be used with AdaGrad.")
 
-    def compute(self, i, g, local_rate, it):
-        h = self.history[i]
-        h.add_(g * g)
-        return g.div(h.sqrt().add_(_f32(self.param.delta))).mul_(local_rate)
+    def compute(self, indices, g, local_rate, it):
+        h = self._history(indices)
+        torch._foreach_add_(h, torch._foreach_mul(g, g))
+        return _scaled_ratio(g, h, _f32(self.param.delta), local_rate)
 
 
 class RMSProp(UpdateRule):
@@ -182,11 +198,12 @@ class RMSProp(UpdateRule):
         if not 0 <= param.rms_decay < 1:
             raise SolverTypeError(f"rms_decay should lie in [0, 1), got {param.rms_decay}")
 
-    def compute(self, i, g, local_rate, it):
+    def compute(self, indices, g, local_rate, it):
         decay = _f32(self.param.rms_decay)
-        h = self.history[i]
-        h.mul_(decay).add_(g * g, alpha=_f32(1.0 - decay))
-        return g.div(h.sqrt().add_(_f32(self.param.delta))).mul_(local_rate)
+        h = self._history(indices)
+        torch._foreach_mul_(h, decay)
+        torch._foreach_add_(h, torch._foreach_mul(g, g), alpha=_f32(1.0 - decay))
+        return _scaled_ratio(g, h, _f32(self.param.delta), local_rate)
 
 
 class AdaDelta(UpdateRule):
@@ -196,13 +213,19 @@ class AdaDelta(UpdateRule):
     type_name = "AdaDelta"
     histories = 2
 
-    def compute(self, i, g, local_rate, it):
+    def compute(self, indices, g, local_rate, it):
         m, delta = self.momentum, _f32(self.param.delta)
-        h, u = self.history[i], self.history[i + len(self.params)]
-        h.mul_(m).add_(g * g, alpha=_f32(1.0 - m))
-        step = g * (u + delta).div_(h + delta).sqrt_()
-        u.mul_(m).add_(step * step, alpha=_f32(1.0 - m))
-        return step.mul_(local_rate)
+        h, u = self._history(indices), self._history(indices, 1)
+        torch._foreach_mul_(h, m)
+        torch._foreach_add_(h, torch._foreach_mul(g, g), alpha=_f32(1.0 - m))
+        ratio = torch._foreach_add(u, delta)
+        torch._foreach_div_(ratio, torch._foreach_add(h, delta))
+        torch._foreach_sqrt_(ratio)
+        step = torch._foreach_mul(g, ratio)
+        torch._foreach_mul_(u, m)
+        torch._foreach_add_(u, torch._foreach_mul(step, step), alpha=_f32(1.0 - m))
+        torch._foreach_mul_(step, local_rate)
+        return step
 
 
 class Adam(UpdateRule):
@@ -211,14 +234,26 @@ class Adam(UpdateRule):
     type_name = "Adam"
     histories = 2
 
-    def compute(self, i, g, local_rate, it):
+    def compute(self, indices, g, local_rate, it):
         b1, b2 = self.momentum, _f32(self.param.momentum2)
         t = it + 1
         correction = _f32(math.sqrt(1.0 - math.pow(b2, t)) / (1.0 - math.pow(b1, t)))   # double, as C++
-        m, v = self.history[i], self.history[i + len(self.params)]
-        m.mul_(b1).add_(g, alpha=_f32(1.0 - b1))
-        v.mul_(b2).add_(g * g, alpha=_f32(1.0 - b2))
-        return m.div(v.sqrt().add_(_f32(self.param.delta))).mul_(_f32(local_rate * correction))
+        m, v = self._history(indices), self._history(indices, 1)
+        torch._foreach_mul_(m, b1)
+        torch._foreach_add_(m, g, alpha=_f32(1.0 - b1))
+        torch._foreach_mul_(v, b2)
+        torch._foreach_add_(v, torch._foreach_mul(g, g), alpha=_f32(1.0 - b2))
+        return _scaled_ratio(m, v, _f32(self.param.delta), _f32(local_rate * correction))
+
+
+def _scaled_ratio(numerators: List[torch.Tensor], squares: List[torch.Tensor], delta: float,
+                  rate: float) -> List[torch.Tensor]:
+    """``rate * n / (sqrt(s) + delta)`` per blob (AdaGrad, RMSProp, Adam)."""
+    denominators = torch._foreach_sqrt(squares)
+    torch._foreach_add_(denominators, delta)
+    out = torch._foreach_div(numerators, denominators)
+    torch._foreach_mul_(out, rate)
+    return out
 
 
 RULES: Dict[str, Type[UpdateRule]] = {cls.type_name: cls for cls in
