@@ -73,6 +73,17 @@ def test_power_exp_log_formulas():
         build(layer("Exp", "exp_param { base: -2 }"), [(1, 3)])
 
 
+def test_prelu_blob_shapes_and_default_filler():
+    per_channel = build(layer("PReLU"), [(2, 5, 3, 3)])
+    shared = build(layer("PReLU", 'prelu_param { channel_shared: true filler { type: "constant" value: 0.1 } }'),
+                   [(2, 5)])
+    assert tuple(per_channel.blobs[0].shape) == (5,) and tuple(shared.blobs[0].shape) == ()
+    assert (per_channel.blob_fillers[0].type, per_channel.blob_fillers[0].value) == ("constant", 0.25)
+    assert shared.blob_fillers[0].value == pytest.approx(0.1)
+    with pytest.raises(LayerError, match="at least 2 axes"):
+        build(layer("PReLU"), [(4,)])
+
+
 def test_neuron_values_at_their_kinks():
     x = np.array([[-2.0, 0.0, 1.5]])
     g = [np.ones((1, 3))]
