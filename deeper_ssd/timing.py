@@ -18,7 +18,9 @@ one before it (BatchNorm + in-place Scale) has no time of its own and says so. S
 (Input, AnnotatedData) are fed synthetic tensors: images uniform in [-128, 128) and, for label
 tops, ``boxes_per_image`` random ground-truth boxes per image; no database is read, so the
 timing is the net's, not the reader's (Caffe's data layers prefetch in a thread, and
-``caffe time`` only sees the copy out of the prefetch queue).
+``caffe time`` only sees the copy out of the prefetch queue). In TRAIN, BatchNorm running
+statistics update at every forward, the per-layer reruns included: time a net whose statistics
+you do not need.
 """
 from __future__ import annotations
 
