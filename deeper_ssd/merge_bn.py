@@ -75,14 +75,6 @@ def _affine(layer, lp: caffe_pb2.LayerParameter) -> Tuple[Optional[np.ndarray], 
     return blobs[0], blobs[1] if len(blobs) > 1 else np.zeros_like(blobs[0]), ""
 
 
-def _readers(net: caffe_pb2.NetParameter) -> Dict[str, List[int]]:
-    readers: Dict[str, List[int]] = {}
-    for index, lp in enumerate(net.layer):
-        for name in lp.bottom:
-            readers.setdefault(name, []).append(index)
-    return readers
-
-
 def _chain(net: caffe_pb2.NetParameter, layers: Dict[str, object], start: int,
            report: MergeReport) -> List[int]:
     """Indices of the foldable layers that follow convolution ``start`` as a chain."""
