@@ -60,12 +60,15 @@ def top_loss_weights(layer: Layer) -> Tuple[float, ...]:
 
 @dataclass
 class LearnableParam:
-    """One parameter blob as the solver sees it (Caffe's ``learnable_params`` order)."""
+    """One parameter blob as the solver sees it (Caffe's ``learnable_params`` order).
+    ``statistics``: the layer computes it in forward instead of learning it (BatchNorm's mean,
+    variance and factor), so it changes without a gradient."""
     layer: str
     index: int
     blob: torch.nn.Parameter
     lr_mult: float
     decay_mult: float
+    statistics: bool = False
 
 
 @dataclass
@@ -204,7 +207,8 @@ class Net(torch.nn.Module):
                     self._check_shared(lp.name, i, spec, blob, owner)
                     layer.blobs[i] = owner.blob
                     continue
-                entry = LearnableParam(lp.name, i, blob, lr_mult, decay_mult)
+                entry = LearnableParam(lp.name, i, blob, lr_mult, decay_mult,
+                                       statistics=not blob.requires_grad)
                 if spec.name:
                     owners[spec.name] = entry
                 blob.requires_grad_(lr_mult != 0)

@@ -24,3 +24,86 @@ def test_workers_reach_test_nets_and_default_to_the_core_rule(tiny, tmp_path):
     assert _workers(given) == ([3], [3])
     default = Solver(param, log=lambda m: None)
     assert _workers(default) == ([default_workers()], [default_workers()])
+
+
+# ---------------------------------------------------------------------------------------------
+# two gloo processes
+
+def _broadcasts(comm, out: str) -> None:
+    """Rank 1 changes a BatchNorm statistic and a frozen weight; one broadcast_statistics."""
+    import torch
+    from deeper_ssd.net import LearnableParam
+    stat = LearnableParam("bn", 0, torch.nn.Parameter(torch.zeros(3), requires_grad=False), 0, 0, statistics=True)
+    frozen = LearnableParam("teacher/conv", 0, torch.nn.Parameter(torch.zeros(3), requires_grad=False), 0, 1)
+    trained = LearnableParam("conv", 0, torch.nn.Parameter(torch.zeros(3)), 1, 1)
+    with torch.no_grad():
+        for p in (stat, frozen, trained):
+            p.blob.fill_(float(comm.rank + 1))
+    comm.broadcast_statistics([stat, frozen, trained])
+    torch.save([p.blob.detach() for p in (stat, frozen, trained)], f"{out}/{comm.rank}.pt")
+
+
+def test_only_batchnorm_statistics_are_broadcast_every_iteration(tmp_path):
+    import torch
+    from deeper_ssd.solver import distributed
+    distributed.spawn(_broadcasts, ["cpu", "cpu"], args=(str(tmp_path),))
+    stat, frozen, trained = torch.load(tmp_path / "1.pt")
+    assert stat.tolist() == [1.0] * 3                    # rank 0's statistics
+    assert frozen.tolist() == [2.0] * 3 and trained.tolist() == [2.0] * 3   # untouched
+
+
+def test_net_marks_batchnorm_statistics_not_frozen_weights(tiny):
+    from deeper_ssd.net import Net
+    net = Net.from_prototxt(tiny["train"], "TRAIN")
+    stats = {(p.layer, p.index) for p in net.learnable_params if p.statistics}
+    assert stats and all(net.layer_by_name[layer].caffe_type == "BatchNorm" for layer, _ in stats)
+    assert all(not p.blob.requires_grad for p in net.learnable_params if p.statistics)
+
+
+def _overlapped_vs_after_backward(comm, train: str, out: str) -> None:
+    """The tiny net's gradients of two passes (iter_size 2), averaged by the bucketed
+    all-reduce during the second backward and, again from the same batches, by one
+    all-reduce after backward (the formula the averager replaces)."""
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+    from deeper_ssd.net import Net
+    net = Net.from_prototxt(train, "TRAIN", seed=1)
+    data = net.layer_by_name["data"]
+    data.set_shard(comm.rank, comm.world_size)
+    data.configure_loader(num_workers=0)
+    blobs = [p.blob for p in net.learnable_params if p.blob.requires_grad]
+    averager = comm.gradient_averager(net.learnable_params, bucket_bytes=4096)   # several buckets
+    assert len(averager.buckets) > 2
+
+    def passes(arm):
+        data.set_seed(3, 0)
+        for b in blobs:
+            b.grad = None
+        for i in range(2):
+            if arm and i == 1:
+                averager.arm()
+            net().loss.backward()
+
+    passes(arm=True)
+    averager.finish()
+    overlapped = [b.grad.clone() for b in blobs]
+    passes(arm=False)
+    flat = torch.cat([b.grad.reshape(-1) for b in blobs])
+    dist.all_reduce(flat)
+    flat.mul_(float(np.float32(1 / comm.world_size)))
+    torch.save([overlapped, list(flat.split([b.numel() for b in blobs]))], f"{out}/{comm.rank}.pt")
+    data.close()
+
+
+def test_gradients_averaged_during_backward_equal_the_average_after_it(tiny, tmp_path):
+    import torch
+    from deeper_ssd.solver import distributed
+    distributed.spawn(_overlapped_vs_after_backward, ["cpu", "cpu"], args=(str(tiny["train"]), str(tmp_path)))
+    results = [torch.load(tmp_path / f"{rank}.pt") for rank in range(2)]
+    for overlapped, after in results:
+        for a, b in zip(overlapped, after):
+            assert torch.equal(a.view(torch.int32), b.reshape(a.shape).view(torch.int32))
+    for a, b in zip(results[0][0], results[1][0]):                # every rank holds the average
+        assert torch.equal(a, b)
+    assert any(g.abs().sum() > 0 for g in results[0][0])

@@ -9,8 +9,10 @@ statistics (Caffe broadcasts every learnable blob, and those are learnable blobs
 Training records are dealt round-robin (record ``i`` to rank ``i % world_size``).
 
 Here every rank applies the same update to the same averaged gradients, so the trained blobs
-stay identical without a broadcast; only the blobs no gradient reaches (lr_mult 0: BatchNorm
-statistics) are broadcast from rank 0 before each iteration. Rank 0 tests, logs and snapshots.
+stay identical without a broadcast; only the blobs a forward pass changes (BatchNorm
+statistics) are broadcast from rank 0 before each iteration, frozen weights once at the start.
+Gradients are all-reduced in buckets while backward runs (:class:`GradientAverager`). Rank 0
+tests, logs and snapshots.
 
 Launch: ``deeper-ssd train --gpus 0,1`` spawns one process per GPU (:func:`spawn`, NCCL), or
 ``torchrun --nproc_per_node N -m deeper_ssd.cli train …`` (:func:`from_environment`). On CPU the
@@ -21,13 +23,13 @@ from __future__ import annotations
 import multiprocessing
 import os
 import socket
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-__all__ = ["Communicator", "spawn", "from_environment", "backend_for"]
+__all__ = ["Communicator", "GradientAverager", "spawn", "from_environment", "backend_for"]
 
 
 def backend_for(device: torch.device) -> str:
@@ -56,8 +58,11 @@ class Communicator:
 
     @torch.no_grad()
     def broadcast_statistics(self, params: Sequence) -> None:
-        """The blobs no gradient updates (lr_mult 0: BatchNorm statistics) from rank 0."""
-        self._broadcast([p.blob for p in params if not p.blob.requires_grad])
+        """The blobs a forward pass changes without a gradient (BatchNorm statistics:
+        ``LearnableParam.statistics``) from rank 0. Frozen weights (lr_mult 0, e.g. a
+        distillation teacher) are not among them: no rank changes them, so the broadcast of
+        every blob at the start (:meth:`broadcast_parameters`) is enough."""
+        self._broadcast([p.blob for p in params if p.statistics])
 
     def _broadcast(self, blobs: List[torch.Tensor]) -> None:
         if not blobs:
@@ -67,21 +72,10 @@ class Communicator:
         for blob, chunk in zip(blobs, flat.split([b.numel() for b in blobs])):
             blob.copy_(chunk.view_as(blob))
 
-    @torch.no_grad()
-    def average_gradients(self, params: Sequence) -> None:
-        """Sum every trained blob's gradient over the ranks and scale by ``1/world_size``
-        (float32, as Caffe's ``caffe_gpu_scal``); a missing gradient counts as zeros."""
-        blobs = [p.blob for p in params if p.blob.requires_grad]
-        for blob in blobs:
-            if blob.grad is None:
-                blob.grad = torch.zeros_like(blob)
-        if not blobs:
-            return
-        flat = torch.cat([b.grad.reshape(-1) for b in blobs])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        flat.mul_(float(np.float32(1.0 / self.world_size)))
-        for blob, chunk in zip(blobs, flat.split([b.numel() for b in blobs])):
-            blob.grad.copy_(chunk.view_as(blob.grad))
+    def gradient_averager(self, params: Sequence, bucket_bytes: int = 25 << 20) -> "GradientAverager":
+        """A :class:`GradientAverager` of the trained blobs of ``params`` over this group."""
+        return GradientAverager([p.blob for p in params if p.blob.requires_grad], self.world_size,
+                                bucket_bytes)
 
     def any(self, flag: bool) -> bool:
         """Whether ``flag`` is set on any rank (a non-finite loss or gradient)."""
@@ -96,6 +90,78 @@ class Communicator:
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         stop, snap = (bool(v) for v in flags.tolist())
         return "stop" if stop else ("snapshot" if snap else None)
+
+
+class GradientAverager:
+    """Gradients summed over the ranks and scaled by ``1/world_size`` while backward still runs.
+
+    The blobs are cut into buckets of about ``bucket_bytes`` in reverse order (the order
+    backward finishes them); a hook after each blob's gradient accumulation launches a bucket's
+    asynchronous all-reduce as soon as all its gradients are final, buckets strictly in order
+    (every rank issues the same collectives in the same order). :meth:`arm` before the last
+    backward of an iteration (earlier ones of ``iter_size`` only accumulate); :meth:`finish`
+    launches what is left (a blob without a gradient counts as zeros), waits, scales by the
+    float32 ``1/world_size`` and writes the averages back: the same arithmetic as one
+    all-reduce after backward (the sum of two ranks is the same in any order; with more ranks
+    the collective's own summation order applies, as for any all-reduce)."""
+
+    def __init__(self, blobs: Sequence[torch.Tensor], world_size: int, bucket_bytes: int = 25 << 20):
+        self.scale = float(np.float32(1.0 / world_size))
+        self.buckets: List[List[torch.Tensor]] = []
+        size = bucket_bytes
+        for blob in reversed(list(blobs)):
+            if size + blob.numel() * blob.element_size() > bucket_bytes and (not self.buckets or self.buckets[-1]):
+                self.buckets.append([])
+                size = 0
+            self.buckets[-1].append(blob)
+            size += blob.numel() * blob.element_size()
+        self._where = {id(b): i for i, bucket in enumerate(self.buckets) for b in bucket}
+        self._handles = [blob.register_post_accumulate_grad_hook(self._ready) for blob in blobs]
+        self.armed = False
+        self._pending: List[int] = []
+        self._launched: List[Tuple[torch.Tensor, Any]] = []
+
+    def arm(self) -> None:
+        """Reduce during the next backward pass."""
+        self.armed = True
+        self._pending = [len(bucket) for bucket in self.buckets]
+        self._launched = []
+
+    def _ready(self, blob: torch.Tensor) -> None:
+        if not self.armed:
+            return
+        self._pending[self._where[id(blob)]] -= 1
+        while len(self._launched) < len(self.buckets) and self._pending[len(self._launched)] == 0:
+            self._launch(len(self._launched))
+
+    def _launch(self, index: int) -> None:
+        bucket = self.buckets[index]
+        for blob in bucket:
+            if blob.grad is None:
+                blob.grad = torch.zeros_like(blob)
+        flat = torch.cat([b.grad.reshape(-1) for b in bucket])
+        self._launched.append((flat, dist.all_reduce(flat, op=dist.ReduceOp.SUM, async_op=True)))
+
+    @torch.no_grad()
+    def finish(self) -> None:
+        """Launch the buckets not launched yet, wait for all, store the averaged gradients."""
+        if not self.armed:
+            self.arm()
+        while len(self._launched) < len(self.buckets):
+            self._launch(len(self._launched))
+        for bucket, (flat, work) in zip(self.buckets, self._launched):
+            work.wait()
+            flat.mul_(self.scale)
+            for blob, chunk in zip(bucket, flat.split([b.numel() for b in bucket])):
+                blob.grad.copy_(chunk.view_as(blob.grad))
+        self.armed = False
+        self._launched = []
+
+    def close(self) -> None:
+        """Remove the hooks."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
 
 
 def _free_port() -> int:

@@ -302,6 +302,7 @@ class Solver:
             if layer.is_source:
                 layer.register_forward_hook(self._remember_inputs)
         self.rule = make_rule(param, self.train_net.learnable_params)
+        self._averager = comm.gradient_averager(self.train_net.learnable_params) if comm is not None else None
         self.lr = LearningRate(param)
         self.iter = 0
         self.losses: List[float] = []
@@ -472,7 +473,7 @@ class Solver:
             self.losses, self.smoothed_loss, self._loss_start = [], 0.0, self.iter
         self._restored_window = False
         params = [lp.blob for lp in self.train_net.learnable_params]
-        statistics = [b for b in params if not b.requires_grad]      # BatchNorm's, updated by forward
+        statistics = [lp.blob for lp in self.train_net.learnable_params if lp.statistics]  # BatchNorm's
         start_iter = self.iter
         while self.iter < stop_iter:
             for blob in params:
@@ -491,7 +492,9 @@ class Solver:
             display = bool(p.display) and self.iter % p.display == 0
             data_s = 0.0
             losses = []
-            for _ in range(p.iter_size):
+            for pass_index in range(p.iter_size):
+                if self._averager is not None and pass_index == p.iter_size - 1:
+                    self._averager.arm()                      # all-reduce during the last backward
                 outputs = self._forward_train(start_iter, statistics, saved_statistics)
                 if outputs.loss is None:
                     raise SolverError(f"train net '{self.train_net.name}' has no loss output to minimise")
@@ -499,8 +502,8 @@ class Solver:
                 losses.append(outputs.loss.detach())
                 data_s += sum(layer.timing.last_wait_s for layer in self._data_layers)
             loss_t = torch.stack(losses).sum() / p.iter_size
-            if self.comm is not None:
-                self.comm.average_gradients(self.train_net.learnable_params)
+            if self._averager is not None:
+                self._averager.finish()
             loss, sumsq = (float(v) for v in torch.stack([loss_t.float(), self.rule.gradient_sumsq()]).tolist())
             bad = not (math.isfinite(loss) and math.isfinite(sumsq))
             if self.comm is not None:
