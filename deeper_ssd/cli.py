@@ -497,9 +497,18 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
                    "name before training (fine-tuning; Caffe's --weights); PREFIX=FILE copies layer X "
                    "of FILE into layer PREFIX+X (e.g. teacher/=teacher.caffemodel for --head zoomin)")
     p.add_argument("--snapshot", help=".solverstate to resume from (Caffe's --snapshot)")
-    p.add_argument("--device", help="cpu, cuda or cuda:N (default: the solver's solver_mode)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: the solver's solver_mode; GPU "
+                   "without CUDA is an error, --device cpu the fallback); under torchrun rank r uses "
+                   "cuda:LOCAL_RANK")
     p.add_argument("--gpus", help="comma-separated GPU ids: one training process per GPU, each "
                    "with the net's batch_size, gradients averaged (Caffe's --gpu)")
+    p.add_argument("--amp", choices=("bf16", "fp16"), help="mixed precision: convolutions under "
+                   "autocast, priors/box coding/losses/Normalize/DetectionOutput in float32; fp16 "
+                   "with loss scaling (default: float32 throughout)")
+    p.add_argument("--tf32", action="store_true", help="allow TF32 in CUDA convolutions and matrix "
+                   "products (default off: float32, for parity with Caffe)")
+    p.add_argument("--collective-timeout", type=float, metavar="SECONDS", help="how long a "
+                   "multi-process collective may wait before the run fails (default 1800)")
     p.add_argument("--workers", type=int, help="data worker processes of the train data layer "
                    "(default 1)")
     p.add_argument("--log", help="also append the log to this file (default <snapshot_prefix>.log)")
@@ -531,7 +540,8 @@ def cmd_train(args) -> int:
                         device=args.device, gpus=gpus, workers=args.workers, log=args.log,
                         sigint_effect=args.sigint_effect, sighup_effect=args.sighup_effect,
                         sigterm_effect=args.sigterm_effect, channels_last=args.channels_last,
-                        progress=not args.no_progress)
+                        progress=not args.no_progress, amp=args.amp, tf32=args.tf32,
+                        collective_timeout=args.collective_timeout)
     except pipelines.TrainingProcessError as err:
         print(f"deeper-ssd train: a training process failed: {err}", file=sys.stderr)
         return 1

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shlex
-import sys
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -37,7 +37,10 @@ from .diffmap import SRTODView
 from .layers.data import AnnotatedData
 from .net import Net
 from .solver import LrPolicyError, NonFiniteError, SignalActions, Solver, SolverTypeError, distributed, read_solver
+from .solver import devices
 from .solver.console import Console
+from .solver.precision import AMP_MODES, set_tf32
+from .solver.trainer import RankFailed, TrainingStopped
 from .solver.trainer import use_channels_last
 
 __all__ = ["UsageError", "TrainingProcessError", "train", "test", "format_test_report", "demo",
@@ -85,17 +88,11 @@ def checked_build(model, build: Callable):
 
 def torch_device(spec) -> torch.device:
     """``cpu``, ``cuda`` or ``cuda:N`` as a torch device; UsageError for a malformed name or a
-    CUDA device this machine does not have."""
+    CUDA device this machine does not have (:func:`deeper_ssd.solver.devices.parse_device`)."""
     try:
-        device = torch.device(spec)
-    except (RuntimeError, TypeError, ValueError):
-        raise UsageError(f"device {spec!r}: give cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if (device.index or 0) >= count:
-            raise UsageError(f"device {spec!r}: " + (f"this machine has {count} CUDA device(s)" if count
-                             else "CUDA is not available here (no GPU visible, or torch built without CUDA)"))
-    return device
+        return devices.parse_device(spec)
+    except devices.DeviceError as err:
+        raise UsageError(str(err)) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,7 +102,8 @@ def train(solver: PathLike, weights: Union[PathLike, Sequence[PathLike]] = (), s
           device=None, gpus: Sequence[int] = (), workers: Optional[int] = None,
           log: Optional[PathLike] = None, sigint_effect: str = "stop", sighup_effect: str = "snapshot",
           sigterm_effect: str = "stop", channels_last: bool = False, progress: bool = True,
-          seed: Optional[int] = None) -> Optional[Solver]:
+          seed: Optional[int] = None, amp: Optional[str] = None, tf32: bool = False,
+          collective_timeout: Optional[float] = None) -> Optional[Solver]:
     """``deeper-ssd train``: train the solver prototxt ``solver`` with tests and snapshots as
     Caffe's ``caffe train``; returns the :class:`deeper_ssd.solver.Solver` after training (its
     data workers stopped), None with ``gpus``.
@@ -117,51 +115,93 @@ def train(solver: PathLike, weights: Union[PathLike, Sequence[PathLike]] = (), s
     data layers; ``log``: file the log is appended to (default ``<snapshot_prefix>.log``);
     ``sigint_effect`` / ``sighup_effect`` / ``sigterm_effect``: stop, snapshot or none; ``channels_last``: NHWC
     memory for the nets; ``progress``: the progress line on stderr; ``seed``: overrides the
-    solver's random_seed. Under torchrun (its environment variables set) this process is one
-    rank of a multi-process run. Raises :class:`deeper_ssd.solver.NonFiniteError` when a
-    non-finite loss or gradient stopped training, :class:`TrainingProcessError` when a process
-    of a ``gpus`` run failed."""
+    solver's random_seed; ``amp``: None, "bf16" or "fp16" mixed precision
+    (:mod:`deeper_ssd.solver.precision`); ``tf32``: allow TF32 on CUDA (off: float32 parity
+    with Caffe); ``collective_timeout``: seconds a multi-process collective may wait
+    (default :data:`deeper_ssd.solver.distributed.DEFAULT_COLLECTIVE_TIMEOUT_S`).
+
+    Devices (:mod:`deeper_ssd.solver.devices`; the choice is logged): ``device`` when given,
+    else the solver's solver_mode (GPU without CUDA is a UsageError: give ``device="cpu"``).
+    Under torchrun (its environment variables set) this process is one rank of a
+    multi-process run, on ``cuda:LOCAL_RANK`` with NCCL when the device (or solver_mode) is
+    CUDA, on the CPU with gloo otherwise. Raises :class:`deeper_ssd.solver.NonFiniteError`
+    when a non-finite loss or gradient stopped training, :class:`TrainingProcessError` when a
+    process of a multi-process run failed (the ranks stop together after rank 0's snapshot)."""
     param = read_solver(solver)
     weights = [str(weights)] if isinstance(weights, (str, Path)) else [str(w) for w in weights]
     if weights and snapshot:
         raise UsageError("give --snapshot to resume training or --weights to fine-tune, not both")
-    if device is not None:
-        torch_device(device)
-    for index in gpus:
-        torch_device(f"cuda:{index}")
-    options = dict(solver=str(solver), weights=weights, snapshot=snapshot, device=device,
+    if amp is not None and amp not in AMP_MODES:
+        raise UsageError(f"--amp {amp!r}: give one of {', '.join(AMP_MODES)}")
+    if collective_timeout is not None and not collective_timeout > 0:
+        raise UsageError(f"--collective-timeout {collective_timeout}: give a number of seconds > 0")
+    requested = torch_device(device) if device is not None else None
+    options = dict(solver=str(solver), weights=weights, snapshot=snapshot, device=requested,
                    workers=workers, log=log, sigint_effect=sigint_effect, sighup_effect=sighup_effect,
-                   sigterm_effect=sigterm_effect,
-                   channels_last=channels_last, progress=progress, seed=seed)
+                   sigterm_effect=sigterm_effect, channels_last=channels_last, progress=progress, seed=seed,
+                   amp=amp, tf32=tf32)
     if gpus:
+        if requested is not None:
+            raise UsageError("give --gpus (one process per GPU) or --device, not both")
+        if len(set(gpus)) != len(gpus):
+            raise UsageError(f"--gpus {','.join(map(str, gpus))}: a GPU is listed twice")
+        ranks = [torch_device(f"cuda:{i}") for i in gpus]
         try:
-            distributed.spawn(_train_rank, [f"cuda:{i}" for i in gpus], args=(options,))
-        except Exception as err:                   # a rank failed; its message is above
+            outcomes = distributed.spawn(_train_rank, ranks, args=(options,), timeout=collective_timeout)
+        except Exception as err:                   # a rank died; its message is above
             lines = str(err).strip().splitlines()
             raise TrainingProcessError(lines[-1] if lines else type(err).__name__) from None
+        _raise_outcome(outcomes[0])
         return None
-    launched = distributed.from_environment("cuda" if str(device or "").startswith("cuda") else "cpu")
-    if launched is not None:
-        comm, rank_device = launched
+    if distributed.launched_by_torchrun():
+        comm, rank_device = distributed.from_environment(_torchrun_device_type(param, requested),
+                                                         timeout=collective_timeout)
         return _train_process(param, options, comm=comm, device=rank_device)
-    return _train_process(param, options)
+    try:
+        chosen = devices.training_device(param, requested)
+    except devices.DeviceError as err:
+        raise UsageError(f"{solver}: {err}") from None
+    return _train_process(param, options, device=chosen)
+
+
+def _torchrun_device_type(param, requested: Optional[torch.device]) -> str:
+    """"cuda" or "cpu" for a rank launched by torchrun; every rank uses cuda:LOCAL_RANK, so a
+    GPU index in ``requested`` is refused, as is CUDA where this rank's GPU is missing."""
+    if requested is not None and requested.type == "cpu":
+        return "cpu"
+    if requested is None and not devices.wants_gpu(param):
+        return "cpu"
+    if requested is not None and requested.index not in (None, 0):
+        raise UsageError(f"--device {requested}: under torchrun rank r uses cuda:LOCAL_RANK; give --device cuda")
+    local = int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")))
+    try:
+        devices.parse_device(f"cuda:{local}")
+    except devices.DeviceError as err:
+        raise UsageError(f"torchrun rank with LOCAL_RANK {local}: {err}") from None
+    return "cuda"
 
 
 def _train_process(param, options: dict, comm=None, device=None) -> Solver:
     """Build this process's solver from ``options`` (:func:`train`'s arguments), train, close."""
     if options["seed"] is not None:
         param.random_seed = options["seed"]
+    set_tf32(options["tf32"])
     root = comm is None or comm.rank == 0
     log_path = options["log"] or (param.snapshot_prefix + ".log")
     console = Console(log_path if root else None, progress=options["progress"], every=param.display or 10)
     try:
         solver = Solver(param, base_dir=Path(options["solver"]).resolve().parent,
-                        device=device or options["device"], log=console.log, progress=console.progress,
-                        comm=comm, data_workers=options["workers"], channels_last=bool(options["channels_last"]))
+                        device=device, log=console.log, progress=console.progress,
+                        comm=comm, data_workers=options["workers"], channels_last=bool(options["channels_last"]),
+                        amp=options["amp"])
     except (LrPolicyError, SolverTypeError) as err:
         console.close()
         raise UsageError(f"{options['solver']}: {err}") from None
     try:
+        if devices.requested_fallback(param, options["device"]):
+            console.log("solver_mode is GPU; training on the CPU as --device cpu asks")
+        if solver.device.type == "cuda":
+            console.log(f"TF32 {'allowed (--tf32)' if options['tf32'] else 'off (float32 convolutions and matrix products)'}")
         console.log(f"Training seed {solver.seed}" + (" (random_seed -1: drawn, recorded in the snapshots)"
                                                        if param.random_seed < 0 else ""))
         if options["weights"]:
@@ -175,15 +215,25 @@ def _train_process(param, options: dict, comm=None, device=None) -> Solver:
     return solver
 
 
-def _train_rank(comm, options: dict) -> None:
-    """One process of ``train(gpus=...)`` (spawned by deeper_ssd.solver.distributed.spawn); a
-    non-finite stop exits with status 1 after rank 0 has reported it."""
+def _train_rank(comm, options: dict) -> Optional[BaseException]:
+    """One process of ``train(gpus=...)`` (spawned by deeper_ssd.solver.distributed.spawn).
+    A stop the ranks agreed on (non-finite values, a failure on any rank) is returned, not
+    raised: every rank has passed the last barrier and leaves with status 0, so none is ended
+    mid-write; :func:`train` raises rank 0's."""
     try:
         _train_process(read_solver(options["solver"]), options, comm=comm, device=comm.device)
-    except NonFiniteError as err:
-        if comm.rank == 0:
-            print(f"deeper-ssd train: stopped: {err}", file=sys.stderr)
-        raise SystemExit(1) from None
+    except (NonFiniteError, TrainingStopped, RankFailed) as err:
+        return err
+    return None
+
+
+def _raise_outcome(outcome: Optional[BaseException]) -> None:
+    """Raise rank 0's agreed stop in the launching process (a rank's failure that is not bad
+    input as TrainingProcessError)."""
+    if isinstance(outcome, RankFailed):
+        raise TrainingProcessError(str(outcome))
+    if outcome is not None:
+        raise outcome
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,7 +368,8 @@ def demo(solver: Optional[PathLike] = None, seed: int = 0, out: PathLike = "runs
     log_path = out / "train.log"
     if log_path.exists():
         log_path.unlink()
-    train(solver_path, log=str(log_path), workers=workers, progress=progress, channels_last=True, seed=seed)
+    train(solver_path, log=str(log_path), workers=workers, progress=progress, channels_last=True, seed=seed,
+          device="cpu")
     trained = time.perf_counter() - start
     weights = f"{param.snapshot_prefix}_iter_{param.max_iter}.caffemodel"
     test_net = param.test_net[0] if len(param.test_net) else param.net

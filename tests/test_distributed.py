@@ -6,11 +6,13 @@ statistics included) start every iteration. The reference below does exactly tha
 process with two nets; the two-process run must reach the same weights.
 """
 import numpy as np
+import pytest
 import torch
 
-from deeper_ssd import io
+from deeper_ssd import io, pipelines
 from deeper_ssd.net import Net
-from deeper_ssd.solver import LearningRate, Solver, distributed, make_rule
+from deeper_ssd.solver import LearningRate, NonFiniteError, Solver, distributed, make_rule
+from deeper_ssd.solver.trainer import RankFailed
 from support.tiny_ssd import make_tiny
 
 ITERATIONS = 3
@@ -80,3 +82,98 @@ def _reference_single(paths, param):
         rule.apply(lr(it), it)
     net.layer_by_name["data"].close()
     return net.params["conv1"][0].detach().numpy()
+
+
+# ---------------------------------------------------------------------------------------------
+# stopping together: a NaN or an exception on one rank leaves one complete snapshot
+
+def _options(paths, **overrides) -> dict:
+    """pipelines.train's per-process options for the tiny solver."""
+    options = dict(solver=str(paths["solver"]), weights=[], snapshot=None, device=None, workers=0,
+                   log=str(paths["prefix"]) + ".log", sigint_effect="stop", sighup_effect="snapshot",
+                   sigterm_effect="stop", channels_last=False, progress=False, seed=None, amp=None, tf32=False)
+    options.update(overrides)
+    return options
+
+
+def _faulty_rank(comm, options: dict, fault: str, at: int):
+    """pipelines' rank function, with ``fault`` ("nan" or "exception") injected into rank 1's
+    train forward of iteration ``at``, and rank 0's file writes slowed down (before the fix,
+    rank 1 left at once and the launcher ended rank 0 in the middle of its snapshot)."""
+    import time
+    from deeper_ssd import io as dio, pipelines
+    from deeper_ssd.net import Net
+    if comm.rank == 0:
+        write = dio.atomic_write_bytes
+
+        def slow_write(path, data):
+            time.sleep(0.5)
+            write(path, data)
+        dio.atomic_write_bytes = slow_write
+    else:
+        forward, calls = Net.forward, [0]
+
+        def faulty_forward(self, *args, **kwargs):
+            calls[0] += 1
+            if calls[0] == at + 1 and fault == "exception":
+                raise RuntimeError("injected failure")
+            outputs = forward(self, *args, **kwargs)
+            if calls[0] == at + 1:
+                outputs.loss = outputs.loss * float("nan")
+            return outputs
+        Net.forward = faulty_forward
+    return pipelines._train_rank(comm, options)
+
+
+def _snapshot_files(folder):
+    return sorted(p.name for p in folder.iterdir() if not p.name.endswith(".log"))
+
+
+@pytest.mark.parametrize("fault", ["nan", "exception"])
+def test_a_fault_on_one_rank_leaves_one_complete_snapshot_and_its_message(tmp_path, capfd, fault):
+    paths = make_tiny(tmp_path, batch=2, max_iter=6, snapshot=0)
+    outcomes = distributed.spawn(_faulty_rank, ["cpu", "cpu"], args=(_options(paths), fault, 2))
+    folder = paths["prefix"].parent
+    files = _snapshot_files(folder)
+    assert not [f for f in files if f.endswith(".partial")], files
+    assert files == ["tiny_iter_2.caffemodel", "tiny_iter_2.solverstate", "tiny_iter_2.trainstate.json"]
+    state = io.read_solverstate(folder / "tiny_iter_2.solverstate")
+    assert state.iter == 2
+    assert len(io.read_caffemodel(folder / "tiny_iter_2.caffemodel").layer)
+    expected = NonFiniteError if fault == "nan" else RankFailed
+    assert isinstance(outcomes[0], expected) and isinstance(outcomes[1], expected), outcomes
+    message = str(outcomes[0])
+    assert message.startswith("iteration 2: rank 1: ") and "tiny_iter_2.solverstate" in message, message
+    if fault == "exception":
+        assert "RuntimeError: injected failure" in message
+    assert message in capfd.readouterr().out                     # rank 0 logged it
+    with pytest.raises(expected if fault == "nan" else pipelines.TrainingProcessError, match="rank 1"):
+        pipelines._raise_outcome(outcomes[0])
+
+
+def test_resume_with_a_different_number_of_ranks(tmp_path):
+    """A two-process run's snapshot resumes in one process, and a one-process run's in two."""
+    paths = make_tiny(tmp_path, batch=2, max_iter=2, snapshot=2)
+    distributed.spawn(_train, ["cpu", "cpu"], args=(str(paths["solver"]),))
+    two = paths["prefix"].parent / "tiny_iter_2.solverstate"
+    param = io.read_solver(paths["solver"])
+    param.max_iter = 4
+    solver = Solver(param, device="cpu", log=lambda message: None, data_workers=0)
+    try:
+        solver.solve(resume=str(two))
+    finally:
+        solver.close()
+    assert solver.iter == 4 and (paths["prefix"].parent / "tiny_iter_4.solverstate").is_file()
+    param.max_iter = 6
+    io.write_solver(param, paths["solver"])
+    distributed.spawn(_resume, ["cpu", "cpu"], args=(str(paths["solver"]), str(paths["prefix"]) + "_iter_4.solverstate"))
+    assert io.read_solverstate(str(paths["prefix"]) + "_iter_6.solverstate").iter == 6
+
+
+def _resume(comm, solver_path: str, snapshot: str) -> None:
+    solver = Solver(io.read_solver(solver_path), comm=comm, device=comm.device, log=lambda message: None,
+                    data_workers=0)
+    try:
+        solver.solve(resume=snapshot)
+    finally:
+        solver.close()

@@ -11,6 +11,10 @@ A subclass sets ``caffe_type`` (the registered type string) and implements
   learnable blobs through ``self.blobs[i]`` only: the net replaces entries of that list when
   layers share parameters (ParamSpec names, test nets sharing the train net's weights).
 * optionally ``macs()``: multiply-accumulates of one forward at the setup shapes.
+* ``float32 = True`` for a type whose arithmetic carries Caffe's semantics (priors, box coding,
+  normalisation; every loss layer is treated so): under autocast (``train --amp``) it computes in
+  float32, its floating bottoms cast up and autocast off (docs/decisions.md, "Mixed precision
+  and TF32").
 
 Layers are constructed with ``device="meta"`` for shape-only work (``deeper_ssd.shapes``): blobs
 then take no memory. Errors about a layer's configuration raise :class:`LayerError`, which
@@ -63,6 +67,8 @@ class Layer(torch.nn.Module):
     is_source: ClassVar[bool] = False
     #: element-wise layers that can overwrite their bottom when the net says it is safe
     supports_in_place: ClassVar[bool] = False
+    #: computes in float32 under autocast, as every loss layer does (see the module docstring)
+    float32: ClassVar[bool] = False
     #: bottoms read on the host (Caffe's cpu_data): when a source layer made such a blob on the
     #: host for a net on another device, the Net passes the host tensor as well as moving it
     host_bottoms: ClassVar[Tuple[int, ...]] = ()
@@ -88,6 +94,14 @@ class Layer(torch.nn.Module):
         except (ValueError, TypeError, IndexError) as err:
             raise self.error(str(err)) from None
         self.top_shapes: List[Shape] = [tuple(int(d) for d in s) for s in tops]
+
+    def __call__(self, *bottoms, **kwargs):
+        if (self.float32 or self.is_loss) and bottoms and isinstance(bottoms[0], torch.Tensor) \
+                and torch.is_autocast_enabled(bottoms[0].device.type):
+            with torch.autocast(bottoms[0].device.type, enabled=False):
+                return super().__call__(*(b.float() if isinstance(b, torch.Tensor) and b.is_floating_point()
+                                          else b for b in bottoms), **kwargs)
+        return super().__call__(*bottoms, **kwargs)
 
     # -- subclass API ----------------------------------------------------------------------------
     def setup(self, bottom_shapes: List[Shape]) -> List[Shape]:

@@ -309,6 +309,7 @@ class Normalize(_Identity):
     """
 
     caffe_type = "Normalize"
+    float32 = True              # Caffe-semantic arithmetic, float32 under autocast
 
     def setup(self, bottoms):
         shape = bottoms[0]

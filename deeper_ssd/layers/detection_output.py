@@ -23,6 +23,7 @@ class DetectionOutput(Layer):
     """Decode, per-class NMS and keep_top_k (docs/semantics.md, "DetectionOutput and NMS"). See :meth:`forward`."""
 
     caffe_type = "DetectionOutput"
+    float32 = True              # Caffe-semantic arithmetic, float32 under autocast
     num_bottoms = (3, 4)
 
     def setup(self, bottoms):

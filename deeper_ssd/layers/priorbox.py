@@ -32,6 +32,7 @@ class PriorBox(Layer):
     """
 
     caffe_type = "PriorBox"
+    float32 = True              # Caffe-semantic arithmetic, float32 under autocast
     num_bottoms = (2, 2)
 
     def setup(self, bottoms):

@@ -15,11 +15,20 @@ Gradients are all-reduced in buckets while backward runs (:class:`GradientAverag
 tests, logs and snapshots.
 
 Launch: ``deeper-ssd train --gpus 0,1`` spawns one process per GPU (:func:`spawn`, NCCL), or
-``torchrun --nproc_per_node N -m deeper_ssd.cli train …`` (:func:`from_environment`). On CPU the
-same code runs with the gloo backend (the tests use two processes).
+``torchrun --nproc_per_node N -m deeper_ssd.cli train …`` (:func:`from_environment`; rank r on
+``cuda:LOCAL_RANK``). On CPU the same code runs with the gloo backend (the tests use two processes).
+
+Stopping together: the decisions that end or pause a run (a signal, a non-finite loss, an
+exception on one rank, rank 0's test or snapshot) travel over a second, gloo group on the host
+(:attr:`Communicator.control`) whose timeout is long (:data:`CONTROL_TIMEOUT_S`): ranks waiting
+for rank 0's test phase wait there, not in a GPU collective whose watchdog
+(``collective_timeout``) would fire. A rank that fails reports its message through that group;
+rank 0 snapshots while the others wait in a barrier, then every rank leaves together
+(docs/decisions.md, "Multi-process stops").
 """
 from __future__ import annotations
 
+import datetime
 import multiprocessing
 import os
 import socket
@@ -29,7 +38,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-__all__ = ["Communicator", "GradientAverager", "spawn", "from_environment", "backend_for"]
+__all__ = ["Communicator", "GradientAverager", "spawn", "from_environment", "backend_for", "launched_by_torchrun",
+           "DEFAULT_COLLECTIVE_TIMEOUT_S", "CONTROL_TIMEOUT_S"]
+
+#: timeout of the gradient/broadcast collectives (``--collective-timeout``), torch's gloo default
+DEFAULT_COLLECTIVE_TIMEOUT_S = 1800.0
+#: timeout of the host-side control group: ranks wait there for rank 0's test phase and snapshots
+CONTROL_TIMEOUT_S = 24 * 3600.0
 
 
 def backend_for(device: torch.device) -> str:
@@ -39,11 +54,17 @@ def backend_for(device: torch.device) -> str:
 
 class Communicator:
     """The collectives a :class:`deeper_ssd.solver.trainer.Solver` needs, for one rank of an
-    initialised default process group. Tensors are moved to ``device`` for the collectives."""
+    initialised default process group. Tensors are moved to ``device`` for the collectives;
+    the control messages (:meth:`any`, :meth:`agree`, :meth:`failures`, :meth:`barrier`,
+    :meth:`gather_text`) go over :attr:`control`, a gloo group on the host with
+    ``control_timeout`` seconds (None: the default group, in tests that build no group)."""
 
-    def __init__(self, rank: int, world_size: int, device):
+    def __init__(self, rank: int, world_size: int, device, control_timeout: Optional[float] = CONTROL_TIMEOUT_S):
         self.rank, self.world_size = int(rank), int(world_size)
         self.device = torch.device(device)
+        self.backend = dist.get_backend() if dist.is_initialized() else None
+        self.control = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=control_timeout)) \
+            if control_timeout is not None and dist.is_initialized() else None
 
     def broadcast_int(self, value: int) -> int:
         """Rank 0's ``value`` on every rank (the training seed)."""
@@ -79,17 +100,39 @@ class Communicator:
 
     def any(self, flag: bool) -> bool:
         """Whether ``flag`` is set on any rank (a non-finite loss or gradient)."""
-        t = torch.tensor([float(flag)], device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        t = torch.tensor([float(flag)])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.control)
         return bool(t.item())
 
     def agree(self, request: Optional[str]) -> Optional[str]:
         """The strongest signal request of any rank ("stop" over "snapshot"), so that all
         ranks stop or snapshot together."""
-        flags = torch.tensor([float(request == "stop"), float(request == "snapshot")], device=self.device)
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        flags = torch.tensor([float(request == "stop"), float(request == "snapshot")])
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.control)
         stop, snap = (bool(v) for v in flags.tolist())
         return "stop" if stop else ("snapshot" if snap else None)
+
+    def failures(self, failure: Any = None) -> Optional[List[Any]]:
+        """Every rank's ``failure`` (None where a rank has none; any picklable value) when at
+        least one rank has one, else None. One small host collective when no rank failed."""
+        if not self.any(failure is not None):
+            return None
+        return self.gather(failure)
+
+    def gather(self, value: Any) -> List[Any]:
+        """Every rank's picklable ``value``, in rank order."""
+        values: List[Any] = [None] * self.world_size
+        dist.all_gather_object(values, value, group=self.control)
+        return values
+
+    def gather_text(self, text: str) -> List[str]:
+        """Every rank's ``text`` (its device, for the log), in rank order."""
+        return [str(t) for t in self.gather(text)]
+
+    def barrier(self) -> None:
+        """Wait until every rank is here (over the control group: rank 0's snapshot or test
+        may take long)."""
+        dist.barrier(group=self.control)
 
 
 class GradientAverager:
@@ -170,7 +213,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, fn: Callable, devices: List[str], backend: str, port: int, args: tuple) -> None:
+def _timeout(seconds: Optional[float]) -> datetime.timedelta:
+    return datetime.timedelta(seconds=DEFAULT_COLLECTIVE_TIMEOUT_S if seconds is None else float(seconds))
+
+
+def _worker(rank: int, fn: Callable, devices: List[str], backend: str, port: int, args: tuple,
+            results, timeout: Optional[float]) -> None:
     # a spawned child inherits the "spawn" start method; the data layers' worker processes
     # need the platform's default (fork on Linux), as in a process started from the shell
     multiprocessing.set_start_method(multiprocessing.get_all_start_methods()[0], force=True)
@@ -178,37 +226,51 @@ def _worker(rank: int, fn: Callable, devices: List[str], backend: str, port: int
     device = torch.device(devices[rank])
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend, rank=rank, world_size=len(devices))
+    dist.init_process_group(backend, rank=rank, world_size=len(devices), timeout=_timeout(timeout))
     try:
-        fn(Communicator(rank, len(devices), device), *args)
+        results.put((rank, fn(Communicator(rank, len(devices), device), *args)))
     finally:
         dist.destroy_process_group()
 
 
-def spawn(fn: Callable, devices: Sequence, args: tuple = (), backend: Optional[str] = None) -> None:
+def spawn(fn: Callable, devices: Sequence, args: tuple = (), backend: Optional[str] = None,
+          timeout: Optional[float] = None) -> List[Any]:
     """Run ``fn(communicator, *args)`` in one new process per entry of ``devices`` ("cuda:0",
-    "cuda:1" … or "cpu"), joined in a process group (NCCL for CUDA, else gloo). ``fn`` must be
-    importable by name (a module-level function). An exception in any rank is raised here."""
+    "cuda:1" … or "cpu"), joined in a process group (NCCL for CUDA, else gloo) whose
+    collectives time out after ``timeout`` seconds (default :data:`DEFAULT_COLLECTIVE_TIMEOUT_S`).
+    ``fn`` must be importable by name (a module-level function) and return something picklable.
+    Returns the ranks' return values in rank order. An exception that leaves a rank is raised
+    here (torch then ends the other ranks: a failure the ranks agreed on should be returned,
+    after the ranks' last barrier, not raised)."""
     devices = [str(torch.device(d)) for d in devices]
     if len(devices) < 1:
         raise ValueError("spawn needs at least one device")
     backend = backend or backend_for(torch.device(devices[0]))
-    torch.multiprocessing.spawn(_worker, args=(fn, devices, backend, _free_port(), tuple(args)),
+    results = torch.multiprocessing.get_context("spawn").SimpleQueue()
+    torch.multiprocessing.spawn(_worker, args=(fn, devices, backend, _free_port(), tuple(args), results, timeout),
                                 nprocs=len(devices), join=True)
+    returned = dict(results.get() for _ in devices)
+    return [returned[rank] for rank in range(len(devices))]
 
 
-def from_environment(device_type: str) -> Optional[Tuple[Communicator, torch.device]]:
-    """When launched by torchrun (``WORLD_SIZE`` > 1 in the environment): initialise the
-    process group and return this rank's communicator and device (``cuda:LOCAL_RANK`` for
-    CUDA); else None."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+def launched_by_torchrun() -> bool:
+    """Whether this process is one rank of a torchrun launch (``WORLD_SIZE`` > 1)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def from_environment(device_type: str, timeout: Optional[float] = None) -> Optional[Tuple[Communicator, torch.device]]:
+    """When launched by torchrun (``WORLD_SIZE`` > 1 in the environment): set this rank's
+    device (``cuda:LOCAL_RANK`` for CUDA, the current device from then on), initialise the
+    process group (NCCL for CUDA, else gloo; collectives time out after ``timeout`` seconds)
+    and return this rank's communicator and device; else None."""
+    if not launched_by_torchrun():
         return None
+    world = int(os.environ["WORLD_SIZE"])
     rank = int(os.environ["RANK"])
     local = int(os.environ.get("LOCAL_RANK", rank))
     device = torch.device("cuda", local) if device_type == "cuda" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group(backend_for(device))
+        dist.init_process_group(backend_for(device), timeout=_timeout(timeout))
     return Communicator(rank, world, device), device

@@ -58,11 +58,13 @@ from ..eval.loop import DetectionRows, run_test_net
 from ..layers import LayerError
 from ..net import Net
 from ..proto import caffe_pb2
+from . import devices
 from .lr import LearningRate
+from .precision import Precision
 from .sgd import make_rule
 
-__all__ = ["Solver", "SolverError", "SnapshotError", "TrainingStopped", "NonFiniteError", "TrainState", "SignalActions", "Progress",
-           "ACTIONS", "read_solver", "use_channels_last"]
+__all__ = ["Solver", "SolverError", "SnapshotError", "TrainingStopped", "NonFiniteError", "RankFailed", "TrainState",
+           "SignalActions", "Progress", "ACTIONS", "read_solver", "use_channels_last"]
 
 #: SolverAction values of Caffe's --sigint_effect / --sighup_effect
 ACTIONS = ("stop", "snapshot", "none")
@@ -88,6 +90,14 @@ class NonFiniteError(RuntimeError):
     def __init__(self, message: str, iteration: int, snapshot: Optional[str]):
         super().__init__(message)
         self.iteration, self.snapshot = iteration, snapshot
+
+    def __reduce__(self):
+        return type(self), (str(self), self.iteration, self.snapshot)
+
+
+class RankFailed(RuntimeError):
+    """A rank of a multi-process run raised an exception that is not bad input; every rank
+    stopped together after rank 0's snapshot. The message names the rank and its error."""
 
 
 def use_channels_last(net: Net) -> None:
@@ -252,12 +262,15 @@ class Solver:
     :class:`deeper_ssd.solver.distributed.Communicator` for one process per GPU (root = rank 0
     tests, logs and snapshots); ``data_workers``: worker processes of each data layer, train and test
     (default :func:`deeper_ssd.data.loader.default_workers`);
-    ``channels_last``: :func:`use_channels_last` on every net (a CPU speed option).
+    ``channels_last``: :func:`use_channels_last` on every net (a CPU speed option); ``amp``:
+    None (float32), "bf16" or "fp16" training forward passes under autocast
+    (:mod:`deeper_ssd.solver.precision`; tests stay float32).
     """
 
     def __init__(self, param: caffe_pb2.SolverParameter, *, base_dir=None, device=None,
                  log: Callable[[str], None] = print, progress: Optional[Callable[[Progress], None]] = None,
-                 comm=None, data_workers: Optional[int] = None, channels_last: bool = False):
+                 comm=None, data_workers: Optional[int] = None, channels_last: bool = False,
+                 amp: Optional[str] = None):
         self.param = param
         self.base_dir = Path(base_dir) if base_dir is not None else None
         self.comm = comm
@@ -266,12 +279,14 @@ class Solver:
         self.root = self.rank == 0
         self._log = log
         self.progress = progress
-        self.device = torch.device(device) if device is not None else _solver_device(param)
+        self.device = torch.device(device) if device is not None else devices.training_device(param)
+        devices.use_device(self.device)
         self._check_param()
         self.seed = int(param.random_seed) if param.random_seed >= 0 else \
             int.from_bytes(os.urandom(4), "little")
         if comm is not None:
             self.seed = comm.broadcast_int(self.seed)
+        self._log_devices()
         torch.manual_seed(self.seed)
         self.train_net = self._make_net(self._train_net_param(), caffe_pb2.TRAIN, param.train_state, self.seed)
         self.test_nets: List[Net] = []
@@ -303,6 +318,9 @@ class Solver:
                 layer.register_forward_hook(self._remember_inputs)
         self.rule = make_rule(param, self.train_net.learnable_params)
         self._averager = comm.gradient_averager(self.train_net.learnable_params) if comm is not None else None
+        self.precision = Precision(amp, self.device, [lp.blob for lp in self.train_net.learnable_params])
+        if amp is not None:
+            self.log(f"Mixed precision: {amp} autocast" + (", loss scaling" if amp == "fp16" else ""))
         self.lr = LearningRate(param)
         self.iter = 0
         self.losses: List[float] = []
@@ -327,6 +345,16 @@ class Solver:
     def log(self, message: str) -> None:
         if self.root:
             self._log(message)
+
+    def _log_devices(self) -> None:
+        """One line naming the device of every rank (and the backend of a multi-process run)."""
+        own = devices.describe(self.device)
+        if self.comm is None:
+            self.log(f"Training on {own}")
+            return
+        names = self.comm.gather_text(own)
+        self.log(f"Training on {self.world} processes ({self.comm.backend or 'no'} backend): " +
+                 ", ".join(f"rank {r} on {name}" for r, name in enumerate(names)))
 
     def _check_param(self) -> None:
         p = self.param
@@ -479,7 +507,7 @@ class Solver:
             for blob in params:
                 blob.grad = None
             if p.test_interval and self.iter % p.test_interval == 0 and (self.iter > 0 or p.test_initialization):
-                self.test_all()                               # root only: other ranks have no test nets
+                self._together(self.test_all, start_iter)     # root only: other ranks have no test nets
                 if self.comm is not None:                     # a stop during the root's test stops all
                     self.requested_early_exit = self.comm.agree(
                         "stop" if self.requested_early_exit else None) == "stop"
@@ -498,17 +526,19 @@ class Solver:
                 outputs = self._forward_train(start_iter, statistics, saved_statistics)
                 if outputs.loss is None:
                     raise SolverError(f"train net '{self.train_net.name}' has no loss output to minimise")
-                outputs.loss.backward()
+                self.precision.backward(outputs.loss)
                 losses.append(outputs.loss.detach())
                 data_s += sum(layer.timing.last_wait_s for layer in self._data_layers)
             loss_t = torch.stack(losses).sum() / p.iter_size
             if self._averager is not None:
                 self._averager.finish()
+            self.precision.unscale()
             loss, sumsq = (float(v) for v in torch.stack([loss_t.float(), self.rule.gradient_sumsq()]).tolist())
-            bad = not (math.isfinite(loss) and math.isfinite(sumsq))
+            bad_loss, bad_grad = not math.isfinite(loss), not math.isfinite(sumsq)
             if self.comm is not None:
-                bad = self.comm.any(bad)
-            if bad:
+                bad_loss, bad_grad = self.comm.any(bad_loss), self.comm.any(bad_grad)
+            skipped = not bad_loss and bad_grad and self.precision.skips_overflow()
+            if (bad_loss or bad_grad) and not skipped:
                 with torch.no_grad():
                     for blob, saved in zip(statistics, saved_statistics):
                         blob.copy_(saved)
@@ -520,14 +550,19 @@ class Solver:
             rate = self.lr(self.iter, self.smoothed_loss)
             if display:
                 self.log(f"Iteration {self.iter}, lr = {_fmt(rate)}")
-            scale = self.rule.apply(rate, self.iter, grad_norm=math.sqrt(sumsq))
-            if scale is not None:
-                self.log(f"Gradient clipping: scaling down gradients (L2 norm {_fmt(math.sqrt(sumsq))} > "
-                         f"{_fmt(self.rule.clip)}) by scale factor {_fmt(scale)}")
+            if skipped:
+                self.log(f"Iteration {self.iter}: fp16 gradients overflowed at loss scale "
+                         f"{_fmt(self.precision.scale)}: update skipped, scale halved")
+                self.precision.skip()
+            else:
+                scale = self.precision.step(lambda: self.rule.apply(rate, self.iter, grad_norm=math.sqrt(sumsq)))
+                if scale is not None:
+                    self.log(f"Gradient clipping: scaling down gradients (L2 norm {_fmt(math.sqrt(sumsq))} > "
+                             f"{_fmt(self.rule.clip)}) by scale factor {_fmt(scale)}")
             self.iter += 1
             request = self._requested_action()
             if (p.snapshot and self.iter % p.snapshot == 0) or request == "snapshot":
-                self.snapshot()
+                self._together(self.snapshot, start_iter, may_snapshot=False)
             if self.progress is not None and self.root:
                 seconds = time.perf_counter() - began
                 self.progress(Progress(self.iter, p.max_iter, self.smoothed_loss, rate,
@@ -538,21 +573,87 @@ class Solver:
                 break
 
     def _forward_train(self, start_iter: int, statistics, saved_statistics):
-        """One forward of the train net. Bad input met after this step's first iteration (a
-        corrupt record, a data worker that keeps dying) snapshots the state before this
-        iteration (BatchNorm statistics restored) and raises TrainingStopped naming it; one
-        process only (a rank of a multi-GPU run raises the error as it is)."""
+        """One forward of the train net (under autocast with ``amp``). Bad input met after this
+        step's first iteration (a corrupt record, a data worker that keeps dying) snapshots the
+        state before this iteration (BatchNorm statistics restored) and raises TrainingStopped
+        naming it. In a multi-process run any exception on any rank stops every rank together
+        (:meth:`_stop_together`)."""
+        failure = None
         try:
-            return self.train_net()
+            with self.precision.autocast():
+                outputs = self.train_net()
         except LayerError as err:
-            if self.iter == start_iter or self.comm is not None:
+            if self.comm is not None:
+                failure = err
+            elif self.iter == start_iter:
                 raise
-            with torch.no_grad():
-                for blob, saved in zip(statistics, saved_statistics):
-                    blob.copy_(saved)
-            snapshot = self.snapshot() if self._last_snapshot_iter != self.iter else self._last_snapshot
-            raise TrainingStopped(f"iteration {self.iter}: {err}; training stopped, state before this "
-                                  f"iteration saved to {snapshot}") from None
+            else:
+                self._restore(statistics, saved_statistics)
+                snapshot = self.snapshot() if self._last_snapshot_iter != self.iter else self._last_snapshot
+                raise TrainingStopped(f"iteration {self.iter}: {err}; training stopped, state before this "
+                                      f"iteration saved to {snapshot}") from None
+        except Exception as err:
+            if self.comm is None:
+                raise
+            failure = err
+        if self.comm is not None:
+            self._stop_together(failure, start_iter, lambda: self._restore(statistics, saved_statistics))
+        return outputs
+
+    @staticmethod
+    @torch.no_grad()
+    def _restore(blobs, saved) -> None:
+        for blob, value in zip(blobs, saved):
+            blob.copy_(value)
+
+    # -- stopping all ranks together -----------------------------------------------------------
+    def _together(self, action: Callable, start_iter: int, may_snapshot: bool = True):
+        """``action()`` (a test phase, a snapshot: root's work the other ranks wait for); in a
+        multi-process run an exception it raises on any rank stops every rank together."""
+        if self.comm is None:
+            return action()
+        failure = None
+        try:
+            action()
+        except Exception as err:
+            failure = err
+        self._stop_together(failure, start_iter, may_snapshot=may_snapshot)
+
+    def _stop_together(self, failure: Optional[BaseException], start_iter: int,
+                       before_snapshot: Optional[Callable] = None, may_snapshot: bool = True) -> None:
+        """Collective: when any rank has a ``failure``, every rank learns its message, rank 0
+        snapshots the state before this iteration (unless this is the run's first iteration or
+        the failure was the snapshot itself) while the others wait, rank 0 logs the message,
+        and every rank raises the same error: TrainingStopped for bad input (a LayerError),
+        RankFailed otherwise. The ranks leave together, so no process is ended mid-write."""
+        report = None
+        if failure is not None:
+            report = (isinstance(failure, LayerError),
+                      str(failure) if isinstance(failure, LayerError) else f"{type(failure).__name__}: {failure}")
+        reports = self.comm.failures(report)
+        if reports is None:
+            return
+        rank = next(r for r, entry in enumerate(reports) if entry is not None)
+        bad_input, text = reports[rank]
+        if before_snapshot is not None:
+            before_snapshot()
+        saved = self._snapshot_for_stop() if may_snapshot and self.iter != start_iter else None
+        message = f"iteration {self.iter}: rank {rank}: {text}; training stopped" + (
+            f", state before this iteration saved to {saved}" if saved else "")
+        message = self.comm.gather(message if self.root else None)[0]    # after rank 0's snapshot
+        self.log(message)
+        self.comm.barrier()
+        raise (TrainingStopped if bad_input else RankFailed)(message)
+
+    def _snapshot_for_stop(self) -> Optional[str]:
+        """A snapshot of the current state unless one exists for this iteration; None when it
+        could not be written (its files removed; the failure was logged)."""
+        if self._last_snapshot_iter == self.iter:
+            return self._last_snapshot
+        try:
+            return self.snapshot()
+        except SnapshotError:
+            return None
 
     def _requested_action(self) -> Optional[str]:
         """The pending signal's action ("stop", "snapshot" or None), agreed by all ranks."""
@@ -589,12 +690,21 @@ class Solver:
     # -- non-finite values ---------------------------------------------------------------------
     def _stop_non_finite(self, loss: float, outputs) -> None:
         """Snapshot the state before this iteration (statistics already restored), then name
-        the culprit and raise."""
-        snapshot = self.snapshot() if self.root else None
+        the culprit and raise. Every rank of a multi-process run comes here together (the
+        decision is collective): the culprit named is that of the first rank whose loss is not
+        finite (else rank 0's), rank 0 snapshots while the others wait, and all raise after it."""
+        snapshot = self._snapshot_for_stop() if self.root else None
         where = self._find_non_finite(loss, outputs)
+        if self.comm is not None:
+            found = self.comm.gather((math.isfinite(loss), where))
+            rank = next((r for r, (finite, _) in enumerate(found) if not finite), 0)
+            where = f"rank {rank}: {found[rank][1]}"
+            snapshot = self.comm.gather(snapshot)[0]
         message = (f"iteration {self.iter}: {where}; training stopped, weights before this update "
                    f"saved to {snapshot}" if snapshot else f"iteration {self.iter}: {where}; training stopped")
         self.log(message)
+        if self.comm is not None:
+            self.comm.barrier()
         raise NonFiniteError(message, self.iter, snapshot)
 
     @torch.no_grad()
@@ -616,7 +726,8 @@ class Solver:
             handles = [layer.register_forward_hook(hook) for layer in self.train_net.layers
                        if not layer.is_source]
             try:
-                self.train_net(**self._inputs)
+                with self.precision.autocast():
+                    self.train_net(**self._inputs)
             finally:
                 for handle in handles:
                     handle.remove()
@@ -723,6 +834,7 @@ class Solver:
         """Write ``<prefix>_iter_<N>.caffemodel``, ``.trainstate.json`` and ``.solverstate``
         (each atomically, the solverstate last); returns the solverstate path (root only)."""
         if not self.root:
+            self._last_snapshot_iter = self.iter
             return None
         base = self.snapshot_base()
         model, state_path = base + ".caffemodel", base + ".solverstate"
@@ -802,10 +914,22 @@ class Solver:
                 layer.set_seed(self.seed, saved.get(layer.name, 0))
         torch.set_rng_state(_rng_from_text(extra.torch_rng))
         if extra.cuda_rng and self.device.type == "cuda":
-            torch.cuda.set_rng_state_all([_rng_from_text(s) for s in extra.cuda_rng])
+            self._restore_cuda_rng(extra.cuda_rng)
         self.losses, self.smoothed_loss = list(extra.losses), extra.smoothed_loss
         self._loss_start = extra.loss_start
         self._restored_window = True
+
+    def _restore_cuda_rng(self, saved: List[str]) -> None:
+        """The saved CUDA generators (one per GPU the snapshotting process saw) into the GPUs
+        visible here, as far as both have them; a differing count is logged, not an error (a
+        run resumed on fewer or more GPUs: the GPUs without a saved state keep their seed)."""
+        count = torch.cuda.device_count()
+        for index, text in enumerate(saved[:count]):
+            torch.cuda.set_rng_state(_rng_from_text(text), index)
+        if len(saved) != count:
+            self.log(f"Warning: the snapshot holds the CUDA random state of {len(saved)} GPU(s), {count} "
+                     f"visible here: restored {min(len(saved), count)}"
+                     + (f", cuda:{len(saved)} and above keep their seeded state" if count > len(saved) else ""))
 
     def close(self) -> None:
         """Stop the data layers' worker processes."""
@@ -813,9 +937,3 @@ class Solver:
             for layer in layers:
                 layer.close()
 
-
-def _solver_device(param: caffe_pb2.SolverParameter) -> torch.device:
-    """solver_mode GPU -> cuda:device_id when CUDA is available, else the CPU."""
-    if param.solver_mode == caffe_pb2.SolverParameter.GPU and torch.cuda.is_available():
-        return torch.device("cuda", param.device_id)
-    return torch.device("cpu")
