@@ -509,8 +509,10 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
                    "products (default off: float32, for parity with Caffe)")
     p.add_argument("--collective-timeout", type=float, metavar="SECONDS", help="how long a "
                    "multi-process collective may wait before the run fails (default 1800)")
-    p.add_argument("--workers", type=int, help="data worker processes of the train data layer "
-                   "(default 1)")
+    p.add_argument("--workers", type=int, help="data worker processes of each data layer, train and "
+                   "test nets (default: min(8, cores // training processes), at least 1)")
+    p.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN time its convolution "
+                   "algorithms and keep the fastest (default off: run-to-run reproducible choice)")
     p.add_argument("--log", help="also append the log to this file (default <snapshot_prefix>.log)")
     p.add_argument("--sigint-effect", choices=("stop", "snapshot", "none"), default="stop",
                    help="on SIGINT/Ctrl-C (default stop: snapshot, then stop)")
@@ -541,6 +543,7 @@ def cmd_train(args) -> int:
                         sigint_effect=args.sigint_effect, sighup_effect=args.sighup_effect,
                         sigterm_effect=args.sigterm_effect, channels_last=args.channels_last,
                         progress=not args.no_progress, amp=args.amp, tf32=args.tf32,
+                        cudnn_benchmark=args.cudnn_benchmark,
                         collective_timeout=args.collective_timeout)
     except pipelines.TrainingProcessError as err:
         print(f"deeper-ssd train: a training process failed: {err}", file=sys.stderr)
@@ -565,7 +568,9 @@ def _test_arguments(p: argparse.ArgumentParser) -> None:
                    help="results.json of other models to draw on the same PR plot")
     p.add_argument("--name", help="this model's name in the plot (default: the weights file's stem)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    p.add_argument("--workers", type=int, help="data worker processes (default 1)")
+    p.add_argument("--workers", type=int, help="data worker processes (default: min(8, cores))")
+    p.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN time its convolution "
+                   "algorithms and keep the fastest (default off: run-to-run reproducible choice)")
     p.add_argument("--channels-last", action="store_true", help="channels-last memory for the net "
                    "(faster convolutions on CPU for thin, high-resolution layers)")
 
@@ -579,7 +584,8 @@ def _note(message: str) -> None:
 def cmd_test(args) -> int:
     from . import pipelines
     pipelines.test(args.model, args.weights, args.out, args.iterations, args.ap_version, args.compare,
-                   args.name, args.device, args.workers, channels_last=args.channels_last,
+                   args.name, args.device, args.workers, cudnn_benchmark=args.cudnn_benchmark,
+                   channels_last=args.channels_last,
                    echo=print, note=_note)
     return 0
 
@@ -611,7 +617,7 @@ def _demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="random_seed of training and of the sample set "
                    "(default 0)")
     p.add_argument("--out", default="runs/demo", help="folder for the log, results and figures")
-    p.add_argument("--workers", type=int, help="data worker processes (default 1)")
+    p.add_argument("--workers", type=int, help="data worker processes (default: min(8, cores))")
     p.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
 
 

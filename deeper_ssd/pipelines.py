@@ -103,7 +103,7 @@ def train(solver: PathLike, weights: Union[PathLike, Sequence[PathLike]] = (), s
           log: Optional[PathLike] = None, sigint_effect: str = "stop", sighup_effect: str = "snapshot",
           sigterm_effect: str = "stop", channels_last: bool = False, progress: bool = True,
           seed: Optional[int] = None, amp: Optional[str] = None, tf32: bool = False,
-          collective_timeout: Optional[float] = None) -> Optional[Solver]:
+          cudnn_benchmark: bool = False, collective_timeout: Optional[float] = None) -> Optional[Solver]:
     """``deeper-ssd train``: train the solver prototxt ``solver`` with tests and snapshots as
     Caffe's ``caffe train``; returns the :class:`deeper_ssd.solver.Solver` after training (its
     data workers stopped), None with ``gpus``.
@@ -111,13 +111,13 @@ def train(solver: PathLike, weights: Union[PathLike, Sequence[PathLike]] = (), s
     ``weights``: a .caffemodel, or several, copied by layer name before training
     (``PREFIX=FILE`` copies layer X into layer PREFIX+X); ``snapshot``: a .solverstate to resume from (not both);
     ``device``: cpu, cuda or cuda:N (default: the solver's solver_mode); ``gpus``: GPU ids, one
-    training process each (gradients averaged); ``workers``: data worker processes of the train
-    data layers; ``log``: file the log is appended to (default ``<snapshot_prefix>.log``);
+    training process each (gradients averaged); ``workers``: data worker processes of every data
+    layer, train and test nets (default :func:`deeper_ssd.data.loader.default_workers`); ``log``: file the log is appended to (default ``<snapshot_prefix>.log``);
     ``sigint_effect`` / ``sighup_effect`` / ``sigterm_effect``: stop, snapshot or none; ``channels_last``: NHWC
     memory for the nets; ``progress``: the progress line on stderr; ``seed``: overrides the
     solver's random_seed; ``amp``: None, "bf16" or "fp16" mixed precision
     (:mod:`deeper_ssd.solver.precision`); ``tf32``: allow TF32 on CUDA (off: float32 parity
-    with Caffe); ``collective_timeout``: seconds a multi-process collective may wait
+    with Caffe); ``cudnn_benchmark``: :func:`set_cudnn_benchmark`; ``collective_timeout``: seconds a multi-process collective may wait
     (default :data:`deeper_ssd.solver.distributed.DEFAULT_COLLECTIVE_TIMEOUT_S`).
 
     Devices (:mod:`deeper_ssd.solver.devices`; the choice is logged): ``device`` when given,
@@ -139,7 +139,7 @@ def train(solver: PathLike, weights: Union[PathLike, Sequence[PathLike]] = (), s
     options = dict(solver=str(solver), weights=weights, snapshot=snapshot, device=requested,
                    workers=workers, log=log, sigint_effect=sigint_effect, sighup_effect=sighup_effect,
                    sigterm_effect=sigterm_effect, channels_last=channels_last, progress=progress, seed=seed,
-                   amp=amp, tf32=tf32)
+                   amp=amp, tf32=tf32, cudnn_benchmark=cudnn_benchmark)
     if gpus:
         if requested is not None:
             raise UsageError("give --gpus (one process per GPU) or --device, not both")
@@ -181,11 +181,20 @@ def _torchrun_device_type(param, requested: Optional[torch.device]) -> str:
     return "cuda"
 
 
+def set_cudnn_benchmark(on: bool) -> None:
+    """``torch.backends.cudnn.benchmark`` (``--cudnn-benchmark``): cuDNN times the candidate
+    algorithms of every new convolution shape and keeps the fastest; faster convolutions after
+    a slower first iteration, but the choice may differ between runs and with it the float
+    rounding, so it is off by default (docs/decisions.md, "Training on GPUs"). No effect on CPU."""
+    torch.backends.cudnn.benchmark = bool(on)
+
+
 def _train_process(param, options: dict, comm=None, device=None) -> Solver:
     """Build this process's solver from ``options`` (:func:`train`'s arguments), train, close."""
     if options["seed"] is not None:
         param.random_seed = options["seed"]
     set_tf32(options["tf32"])
+    set_cudnn_benchmark(options["cudnn_benchmark"])
     root = comm is None or comm.rank == 0
     log_path = options["log"] or (param.snapshot_prefix + ".log")
     console = Console(log_path if root else None, progress=options["progress"], every=param.display or 10)
@@ -202,6 +211,8 @@ def _train_process(param, options: dict, comm=None, device=None) -> Solver:
             console.log("solver_mode is GPU; training on the CPU as --device cpu asks")
         if solver.device.type == "cuda":
             console.log(f"TF32 {'allowed (--tf32)' if options['tf32'] else 'off (float32 convolutions and matrix products)'}")
+            console.log("cuDNN benchmark " + ("on (--cudnn-benchmark)" if options["cudnn_benchmark"]
+                                              else "off (heuristic algorithm choice)"))
         console.log(f"Training seed {solver.seed}" + (" (random_seed -1: drawn, recorded in the snapshots)"
                                                        if param.random_seed < 0 else ""))
         if options["weights"]:
@@ -242,14 +253,17 @@ def _raise_outcome(outcome: Optional[BaseException]) -> None:
 def test(model: PathLike, weights: PathLike, out: PathLike = "runs/test", iterations: Optional[int] = None,
          ap_version: str = "11point", compare: Sequence[PathLike] = (), name: Optional[str] = None,
          device="cpu", workers: Optional[int] = None, channels_last: bool = False,
-         echo: Echo = None, note: Echo = None) -> dict:
+         cudnn_benchmark: bool = False, echo: Echo = None, note: Echo = None) -> dict:
     """``deeper-ssd test``: evaluate the test net ``model`` (AnnotatedData + DetectionOutput +
     DetectionEvaluate) with ``weights`` for ``iterations`` batches (default: the test LMDB
     once); write ``results.json`` and ``pr_curve.png`` (with the curves of the ``compare``
     results.json files) into ``out``. Returns the JSON dict: mAP (``ap_version``), mAP of every
     AP version, per-class and per-size AP, PR curves, detection speed. ``echo`` receives the
-    report (:func:`format_test_report`) and the files written, ``note`` non-fatal notes."""
+    report (:func:`format_test_report`) and the files written, ``note`` non-fatal notes.
+    ``workers``: data worker processes (default :func:`deeper_ssd.data.loader.default_workers`);
+    ``cudnn_benchmark``: :func:`set_cudnn_benchmark`."""
     net = _trained_net(model, weights, device, note)
+    set_cudnn_benchmark(cudnn_benchmark)
     if channels_last:
         use_channels_last(net)
     if workers is not None:

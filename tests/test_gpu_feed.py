@@ -107,3 +107,26 @@ def test_gradients_averaged_during_backward_equal_the_average_after_it(tiny, tmp
     for a, b in zip(results[0][0], results[1][0]):                # every rank holds the average
         assert torch.equal(a, b)
     assert any(g.abs().sum() > 0 for g in results[0][0])
+
+
+# ---------------------------------------------------------------------------------------------
+# --cudnn-benchmark
+
+def test_cudnn_benchmark_is_off_unless_asked_for_in_train_and_test(tiny, tmp_path, monkeypatch):
+    import torch
+    from deeper_ssd import cli, io, pipelines
+    io.write_solver(solver_param(tiny, snapshot_prefix=str(tmp_path / "b"), max_iter=1, test_interval=100,
+                                 snapshot=0), tmp_path / "solver.prototxt")
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    pipelines.train(tmp_path / "solver.prototxt", progress=False, device="cpu", workers=0, cudnn_benchmark=True)
+    assert torch.backends.cudnn.benchmark is True
+    pipelines.train(tmp_path / "solver.prototxt", progress=False, device="cpu", workers=0)
+    assert torch.backends.cudnn.benchmark is False
+    weights = tmp_path / "b_iter_1.caffemodel"
+    pipelines.test(tiny["test"], weights, out=tmp_path / "t", iterations=1, workers=0, cudnn_benchmark=True,
+                   echo=lambda line: None)
+    assert torch.backends.cudnn.benchmark is True
+    parser = cli.build_parser()
+    for argv in (["train", "--solver", "s"], ["test", "--model", "m", "--weights", "w"]):
+        assert parser.parse_args(argv).cudnn_benchmark is False
+        assert parser.parse_args(argv + ["--cudnn-benchmark"]).cudnn_benchmark is True
