@@ -13,8 +13,8 @@ A subclass sets ``caffe_type`` (the registered type string) and implements
 * optionally ``macs()``: multiply-accumulates of one forward at the setup shapes.
 * ``float32 = True`` for a type whose arithmetic carries Caffe's semantics (priors, box coding,
   normalisation; every loss layer is treated so): under autocast (``train --amp``) it computes in
-  float32, its floating bottoms cast up and autocast off (docs/decisions.md, "Mixed precision
-  and TF32").
+  float32, its floating bottoms cast up and autocast off (docs/decisions.md, "Devices,
+  multi-process stops, mixed precision").
 
 Layers are constructed with ``device="meta"`` for shape-only work (``deeper_ssd.shapes``): blobs
 then take no memory. Errors about a layer's configuration raise :class:`LayerError`, which

@@ -1,5 +1,5 @@
 """Training precision: float32 (Caffe's), or mixed precision with ``--amp bf16|fp16``, and the
-TF32 switch (docs/decisions.md, "Mixed precision and TF32").
+TF32 switch (docs/decisions.md, "Devices, multi-process stops, mixed precision").
 
     precision = Precision("fp16", device, trained_blobs)
     with precision.autocast():
