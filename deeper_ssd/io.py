@@ -203,7 +203,31 @@ def read_binary(path: PathLike, message_type):
         raise CaffeFormatError(
             f"{path}: not a binary {message_type.DESCRIPTOR.name} ({err}); "
             "is it a text prototxt or a truncated file?") from None
+    where = _non_utf8_string(message)
+    if where:
+        raise CaffeFormatError(f"{path}: not a valid binary {message_type.DESCRIPTOR.name}: "
+                               f"{where} is not UTF-8 text (a damaged file?)")
     return message
+
+
+def _non_utf8_string(message, prefix: str = "") -> str:
+    """The first string field of ``message`` whose bytes are not UTF-8 (protobuf hands those
+    back as bytes), as ``layer[3].name``; "" when there is none."""
+    from google.protobuf.descriptor import FieldDescriptor
+    for field, value in message.ListFields():
+        if field.type not in (FieldDescriptor.TYPE_STRING, FieldDescriptor.TYPE_MESSAGE):
+            continue                                        # blob data: never listed
+        repeated = field.is_repeated
+        values = list(value) if repeated else [value]
+        for i, item in enumerate(values):
+            name = f"{prefix}{field.name}" + (f"[{i}]" if repeated else "")
+            if field.type == FieldDescriptor.TYPE_STRING and isinstance(item, bytes):
+                return name
+            if field.type == FieldDescriptor.TYPE_MESSAGE:
+                found = _non_utf8_string(item, name + ".")
+                if found:
+                    return found
+    return ""
 
 
 def write_binary(message, path: PathLike) -> None:

@@ -182,8 +182,11 @@ class Net(torch.nn.Module):
             seed = int(torch.randint(0, 2 ** 62, (1,)).item())
         generator = torch.Generator().manual_seed(seed)
         for layer in self.layers:
-            for blob, filler in zip(layer.blobs, layer.blob_fillers):
-                fill(blob.data, filler, generator)
+            for i, (blob, filler) in enumerate(zip(layer.blobs, layer.blob_fillers)):
+                try:
+                    fill(blob.data, filler, generator)
+                except ValueError as err:                    # an unknown or unfit filler
+                    raise layer.error(f"blob {i}: {err}") from None
 
     def _share_and_collect_params(self) -> List[LearnableParam]:
         """Apply ParamSpec sharing by name and return the owned blobs in Caffe's order."""

@@ -107,6 +107,9 @@ def plan_net(net_param: caffe_pb2.NetParameter, phase: int = caffe_pb2.TEST, *,
             shape = layer.top_shapes[i]
             if cls.is_source and top in overrides:
                 shape = layer.top_shapes[i] = overrides.pop(top)
+            if any(int(d) == 0 for d in shape):                 # no torch op takes it
+                raise LayerError(f"layer '{lp.name}' ({lp.type}): top '{top}' would be empty "
+                                 f"({format_shape(shape)})")
             shapes[top] = shape
             consumed[top] = False
         planned.append(PlannedLayer(layer, list(lp.bottom), list(lp.top)))

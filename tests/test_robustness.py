@@ -301,3 +301,49 @@ def test_a_cuda_device_this_machine_lacks_is_one_line(deploy, tmp_path, capsys):
                          "--weights", deploy / "fresh.caffemodel", "--device", "gpu0")
     one_line_error(code, err, "gpu0", "cpu, cuda or cuda:N")
     assert not (tmp_path / "det").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# what the fuzz test (tests/test_fuzz.py) found
+
+@pytest.mark.parametrize("edit, needles", [
+    (("dim: 3 dim: 8", "dim: -1 dim: 8"), ["layer 'data'", "must be positive"]),
+    (("dim: 3 dim: 8", "dim: 0 dim: 8"), ["layer 'data'", "must be positive"]),
+    (("kernel_size: 3", 'kernel_size: 3 weight_filler { type: "nonsense" }'), ["layer 'conv'", "nonsense"]),
+])
+def test_nets_that_cannot_be_built_are_one_line(tmp_path, capsys, edit, needles):
+    from deeper_ssd.net import Net
+    from deeper_ssd.errors import LayerError
+    net = tmp_path / "net.prototxt"
+    net.write_text(TINY_NET.replace(*edit))
+    with pytest.raises(LayerError) as err:
+        Net.from_prototxt(net)
+    for needle in needles:
+        assert needle in str(err.value)
+
+
+@pytest.mark.parametrize("layer, needle", [
+    ('layer { name: "bn" type: "BatchNorm" bottom: "conv" top: "conv" batch_norm_param { eps: -1 } }',
+     "eps must be >= 0"),
+    ('layer { name: "prior" type: "PriorBox" bottom: "conv" bottom: "data" top: "prior" '
+     'prior_box_param { min_size: 4 aspect_ratio: 0 } }', "aspect_ratio must be positive"),
+])
+def test_layer_settings_that_cannot_work_are_one_line(tmp_path, capsys, layer, needle):
+    net = tmp_path / "net.prototxt"
+    net.write_text(TINY_NET + layer + "\n")
+    code, out, err = run(capsys, "sizes", net)
+    one_line_error(code, err, needle)
+
+
+def test_a_caffemodel_with_a_damaged_name_is_one_line(tmp_path, capsys):
+    net = io.parse_text(TINY_NET, caffe_pb2.NetParameter())
+    data = net.SerializeToString().replace(b"conv", b"c\xffnv")
+    (tmp_path / "bad.caffemodel").write_bytes(data)
+    with pytest.raises(io.CaffeFormatError, match=r"layer\[1\]\.name is not UTF-8"):
+        io.read_caffemodel(tmp_path / "bad.caffemodel")
+
+
+def test_a_sample_set_without_drones_reports_zero_shares():
+    from deeper_ssd.data.sample import SampleReport
+    report = SampleReport("out", 1, 1, {"S": 0, "M": 0, "L": 0, "XL": 0}, 0.1)
+    assert report.shares() == {"S": 0.0, "M": 0.0, "L": 0.0, "XL": 0.0} and "0 drones" in report.summary()

@@ -211,7 +211,7 @@ class SampleReport:
     seconds: float
 
     def shares(self) -> Dict[str, float]:
-        total = sum(self.objects.values())
+        total = sum(self.objects.values()) or 1          # a set without drones: all 0
         return {k: v / total for k, v in self.objects.items()}
 
     def summary(self) -> str:

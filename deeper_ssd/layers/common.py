@@ -340,6 +340,8 @@ class BatchNorm(_Identity):
         self.use_global_stats = (p.use_global_stats if p.HasField("use_global_stats")
                                  else self.phase == caffe_pb2.TEST)
         self.fraction, self.eps = p.moving_average_fraction, p.eps
+        if not self.eps >= 0:
+            raise ValueError(f"batch_norm_param.eps must be >= 0, got {self.eps:g}")
         channels = shape[1] if len(shape) > 1 else 1
         for blob_shape in ((channels,), (channels,), (1,)):
             self.add_blob(blob_shape, None, learnable=False)

@@ -26,6 +26,9 @@ class Input(Layer):
         tops = len(self.lp.top)
         if len(shapes) not in (1, tops):
             raise ValueError(f"input_param has {len(shapes)} shapes for {tops} tops; give 1 or {tops}")
+        for shape in shapes:
+            if any(d < 1 for d in shape):                 # Caffe's Reshape refuses negative dims
+                raise ValueError(f"input_param.shape {list(shape)}: every dimension must be positive")
         return shapes * tops if len(shapes) == 1 else shapes
 
     def forward(self):

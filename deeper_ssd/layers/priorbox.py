@@ -58,6 +58,8 @@ class PriorBox(Layer):
         ratios = [1.0]
         for ar in p.aspect_ratio:
             ar = float(np.float32(ar))
+            if not ar > 0:
+                raise ValueError(f"aspect_ratio must be positive, got {list(p.aspect_ratio)}")
             if any(abs(ar - r) < 1e-6 for r in ratios):
                 continue
             ratios.append(ar)
