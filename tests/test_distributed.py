@@ -177,3 +177,29 @@ def _resume(comm, solver_path: str, snapshot: str) -> None:
         solver.solve(resume=snapshot)
     finally:
         solver.close()
+
+
+def _slow_tests_rank(comm, solver_path: str, seconds: float):
+    """A rank whose root spends ``seconds`` more than the collective timeout in each test phase."""
+    import time
+    solver = Solver(io.read_solver(solver_path), comm=comm, device=comm.device, log=lambda message: None,
+                    data_workers=0)
+    test_all = solver.test_all
+
+    def slow_test_all():
+        time.sleep(seconds)
+        test_all()
+    if comm.rank == 0:
+        solver.test_all = slow_test_all
+    try:
+        solver.solve()
+    finally:
+        solver.close()
+    return solver.iter
+
+
+def test_a_long_test_phase_on_rank_0_does_not_trip_the_collective_timeout(tmp_path):
+    """The other ranks wait for rank 0's tests in the control group (long timeout), not in a
+    collective bounded by --collective-timeout (here 2 s, the tests take 4 s each)."""
+    paths = make_tiny(tmp_path, batch=2, max_iter=2, test_interval=1, test_iter=[1])
+    assert distributed.spawn(_slow_tests_rank, ["cpu", "cpu"], args=(str(paths["solver"]), 4.0), timeout=2) == [2, 2]
