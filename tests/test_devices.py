@@ -130,7 +130,8 @@ def _device_of(comm):
 def test_a_single_process_on_cuda_n_makes_it_current(cuda, monkeypatch, tmp_path):
     devices.use_device(torch.device("cuda:1"))
     devices.use_device(torch.device("cpu"))
-    assert cuda.current == ["cuda:1"]
+    devices.use_device(torch.device("cuda"))          # set_device refuses a device without index
+    assert cuda.current == ["cuda:1", "cuda:0"]
     used = []
     monkeypatch.setattr(devices, "use_device", used.append)
     paths = make_tiny(tmp_path, max_iter=1)

@@ -71,9 +71,10 @@ def training_device(param: caffe_pb2.SolverParameter, requested=None) -> torch.d
 
 
 def use_device(device: torch.device) -> None:
-    """Make a CUDA ``device`` the current one (kernels, caches and NCCL of this process go there)."""
+    """Make a CUDA ``device`` the current one (kernels, caches and NCCL of this process go there;
+    plain ``cuda`` means cuda:0, as :func:`parse_device` reads it)."""
     if device.type == "cuda":
-        torch.cuda.set_device(device)
+        torch.cuda.set_device(torch.device("cuda", device.index or 0))
 
 
 def describe(device: torch.device) -> str:

@@ -279,7 +279,7 @@ class Solver:
         self.root = self.rank == 0
         self._log = log
         self.progress = progress
-        self.device = torch.device(device) if device is not None else devices.training_device(param)
+        self.device = devices.parse_device(device) if device is not None else devices.training_device(param)
         devices.use_device(self.device)
         self._check_param()
         self.seed = int(param.random_seed) if param.random_seed >= 0 else \
