@@ -117,3 +117,16 @@ def test_tf32_is_off_unless_asked_for(tmp_path):
     pipelines.train(paths["solver"], workers=0, progress=False, log=tmp_path / "log", tf32=True)
     assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
     set_tf32(False)
+
+
+def test_the_fp16_loss_scale_is_snapshotted_and_restored(tiny, tmp_path):
+    prefix = str(tmp_path / "scale")
+    _, lines = _losses(tiny, "fp16", _overflow_at({0}, 1024.0), max_iter=2, snapshot=2, snapshot_prefix=prefix)
+    assert any("update skipped" in line for line in lines)
+    solver = Solver(solver_param(tiny, max_iter=2, snapshot_prefix=prefix), device="cpu", log=lambda line: None,
+                    data_workers=0, amp="fp16")
+    try:
+        solver.restore(prefix + "_iter_2.solverstate")
+        assert solver.precision.state() == dict(scale=512.0, growth_tracker=1)
+    finally:
+        solver.close()

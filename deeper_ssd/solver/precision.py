@@ -76,6 +76,20 @@ class Precision:
         """The current fp16 loss scale (1 without scaling)."""
         return float(self.scaler.get_scale()) if self._update is not None else 1.0
 
+    def state(self) -> Optional[dict]:
+        """The fp16 loss scale and its growth tracker, for a snapshot (None without scaling)."""
+        if self._update is None:
+            return None
+        state = self.scaler.state_dict()
+        return dict(scale=float(state["scale"]), growth_tracker=int(state["_growth_tracker"]))
+
+    def load_state(self, state: Optional[dict]) -> None:
+        """Continue from a snapshot's :meth:`state` (nothing to do without scaling or state)."""
+        if self._update is None or not state:
+            return
+        self.scaler.load_state_dict(dict(self.scaler.state_dict(), scale=float(state["scale"]),
+                                         _growth_tracker=int(state["growth_tracker"])))
+
     def backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self._update is not None else loss).backward()
 

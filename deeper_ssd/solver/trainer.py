@@ -184,7 +184,8 @@ class TrainState:
     solverstate's), ``seed`` (the training seed: random_seed, or the one drawn for -1),
     ``data`` (``{"train": {layer: next batch index}, "test": [{layer: index}, ...]}``),
     ``torch_rng`` (base64 of ``torch.get_rng_state()``), ``cuda_rng`` (list of base64, or
-    absent), ``losses`` / ``smoothed_loss`` / ``loss_start`` (the average_loss window).
+    absent), ``losses`` / ``smoothed_loss`` / ``loss_start`` (the average_loss window),
+    ``loss_scale`` (``train --amp fp16``: GradScaler's scale and growth tracker, or absent).
     """
     iter: int
     seed: int
@@ -194,6 +195,7 @@ class TrainState:
     smoothed_loss: float
     loss_start: int
     cuda_rng: Optional[List[str]] = None
+    loss_scale: Optional[dict] = None
 
     @staticmethod
     def path_for(solverstate) -> Path:
@@ -870,7 +872,7 @@ class Solver:
         if self.device.type == "cuda":
             cuda = [_rng_to_text(s) for s in torch.cuda.get_rng_state_all()]
         return TrainState(self.iter, self.seed, data, _rng_to_text(torch.get_rng_state()),
-                          list(self.losses), self.smoothed_loss, self._loss_start, cuda)
+                          list(self.losses), self.smoothed_loss, self._loss_start, cuda, self.precision.state())
 
     def restore(self, path) -> None:
         """Solver::Restore from a .solverstate: iteration, weights (learned_net), lr state and
@@ -918,6 +920,7 @@ class Solver:
         self.losses, self.smoothed_loss = list(extra.losses), extra.smoothed_loss
         self._loss_start = extra.loss_start
         self._restored_window = True
+        self.precision.load_state(extra.loss_scale)
 
     def _restore_cuda_rng(self, saved: List[str]) -> None:
         """The saved CUDA generators (one per GPU the snapshotting process saw) into the GPUs
