@@ -347,3 +347,12 @@ def test_a_sample_set_without_drones_reports_zero_shares():
     from deeper_ssd.data.sample import SampleReport
     report = SampleReport("out", 1, 1, {"S": 0, "M": 0, "L": 0, "XL": 0}, 0.1)
     assert report.shares() == {"S": 0.0, "M": 0.0, "L": 0.0, "XL": 0.0} and "0 drones" in report.summary()
+
+
+@pytest.mark.parametrize("field, value", [("momentum2", 2.0), ("momentum", 1.0)])
+def test_adam_refuses_moments_outside_0_1(field, value):
+    from deeper_ssd.solver import SolverTypeError, make_rule
+    param = caffe_pb2.SolverParameter(type="Adam", base_lr=0.001, momentum=0.9)
+    setattr(param, field, value)
+    with pytest.raises(SolverTypeError, match=f"Adam needs 0 <= {field} < 1"):
+        make_rule(param, [])

@@ -163,6 +163,8 @@ def expects(kind, name: str = "") -> str:
         text = words[text]
     elif text.startswith("("):
         text = f"a tuple {text}"
+    elif text.startswith("{"):
+        text = f"a dict {text}"
     elif " or " not in text:
         text = f"{article} {text}"
     if name in RANGES:

@@ -234,6 +234,13 @@ class Adam(UpdateRule):
     type_name = "Adam"
     histories = 2
 
+    def __init__(self, param: caffe_pb2.SolverParameter, params: Sequence):
+        super().__init__(param, params)
+        for name in ("momentum", "momentum2"):
+            value = getattr(param, name)
+            if not 0 <= value < 1:          # the bias correction takes sqrt(1 - momentum2^t)
+                raise SolverTypeError(f"Adam needs 0 <= {name} < 1, got {value:g}")
+
     def compute(self, indices, g, local_rate, it):
         b1, b2 = self.momentum, _f32(self.param.momentum2)
         t = it + 1
