@@ -156,7 +156,10 @@ def train(solver: PathLike, weights: Union[PathLike, Sequence[PathLike]] = (), s
     if distributed.launched_by_torchrun():
         comm, rank_device = distributed.from_environment(_torchrun_device_type(param, requested),
                                                          timeout=collective_timeout)
-        return _train_process(param, options, comm=comm, device=rank_device)
+        try:
+            return _train_process(param, options, comm=comm, device=rank_device)
+        except RankFailed as err:              # all ranks stopped together; the message names the rank
+            raise TrainingProcessError(str(err)) from None
     try:
         chosen = devices.training_device(param, requested)
     except devices.DeviceError as err:

@@ -130,3 +130,14 @@ def test_the_fp16_loss_scale_is_snapshotted_and_restored(tiny, tmp_path):
         assert solver.precision.state() == dict(scale=512.0, growth_tracker=1)
     finally:
         solver.close()
+
+
+def test_the_command_line_flags_reach_the_solver(tmp_path, capsys):
+    from deeper_ssd import cli
+    paths = make_tiny(tmp_path, max_iter=1)
+    log = tmp_path / "train.log"
+    assert cli.main(["train", "--solver", str(paths["solver"]), "--amp", "bf16", "--workers", "0",
+                     "--log", str(log), "--no-progress"]) == 0
+    assert "Mixed precision: bf16 autocast" in log.read_text()
+    assert cli.main(["train", "--solver", str(paths["solver"]), "--collective-timeout", "0", "--no-progress"]) == 2
+    assert "--collective-timeout 0.0: give a number of seconds > 0" in capsys.readouterr().err

@@ -154,3 +154,16 @@ def test_cuda_random_state_restores_what_exists_and_warns_about_the_rest(cuda, t
     cuda.count = 3
     solver._restore_cuda_rng(saved[:1])
     assert sorted(cuda.rng) == [0] and "cuda:1 and above keep their seeded state" in lines[-1]
+
+
+def test_a_rank_failure_under_torchrun_is_a_training_process_error(monkeypatch, tmp_path):
+    from deeper_ssd.solver.trainer import RankFailed
+    paths = make_tiny(tmp_path, max_iter=1)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(distributed, "from_environment", lambda kind, timeout=None: (None, torch.device("cpu")))
+
+    def failed(param, options, comm=None, device=None):
+        raise RankFailed("iteration 3: rank 1: RuntimeError: boom; training stopped")
+    monkeypatch.setattr(pipelines, "_train_process", failed)
+    with pytest.raises(pipelines.TrainingProcessError, match="rank 1: RuntimeError: boom"):
+        pipelines.train(paths["solver"], progress=False)
