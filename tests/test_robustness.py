@@ -356,3 +356,9 @@ def test_adam_refuses_moments_outside_0_1(field, value):
     setattr(param, field, value)
     with pytest.raises(SolverTypeError, match=f"Adam needs 0 <= {field} < 1"):
         make_rule(param, [])
+
+
+def test_train_takes_a_sigterm_effect():
+    parser = cli.build_parser()
+    assert parser.parse_args(["train", "--solver", "s"]).sigterm_effect == "stop"
+    assert parser.parse_args(["train", "--solver", "s", "--sigterm-effect", "none"]).sigterm_effect == "none"
