@@ -18,6 +18,7 @@ class DetectionEvaluate(Layer):
 
     caffe_type = "DetectionEvaluate"
     num_bottoms = (2, 2)
+    host_bottoms = (1,)              # the label blob: read on the host, no device round trip
 
     def setup(self, bottoms):
         p = self.lp.detection_evaluate_param
