@@ -23,7 +23,9 @@ setup(
         "matplotlib>=3.5",              # deeper-ssd draw (net drawings without graphviz)
     ],
     extras_require={
-        "test": ["pytest>=7", "grpcio-tools==1.85.1"],   # grpcio-tools regenerates caffe_pb2.py
+        "test": ["pytest>=7", "grpcio-tools==1.85.1",    # grpcio-tools regenerates caffe_pb2.py
+                 "onnx>=1.16", "onnxruntime>=1.18"],     # the fast path's and the export's tests
+        "onnx": ["onnx>=1.16", "onnxruntime>=1.18"],     # deeper-ssd export; the fast path's backend
     },
     entry_points={"console_scripts": ["deeper-ssd=deeper_ssd.cli:main"]},
 )

@@ -91,6 +91,8 @@ def _detect_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mean", default="104,117,123", help="BGR mean subtracted (default SSD's)")
     p.add_argument("--scale", type=float, default=1.0, help="multiplier after mean subtraction")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--exact", action="store_true", help="run the exact executor (default: the fast "
+                   "path, compiled once and checked equal to it, docs/performance.md)")
 
 
 @command("detect", "run a deploy net on images; write annotated images and detections.json",
@@ -102,7 +104,8 @@ def cmd_detect(args) -> int:
     except ValueError:
         raise UsageError(f"--mean {args.mean!r}: give comma-separated numbers") from None
     results, report = pipelines.detect(args.model, args.weights, args.images, args.labelmap, args.out,
-                                       args.threshold, mean, args.scale, args.device, note=_note)
+                                       args.threshold, mean, args.scale, args.device, note=_note,
+                                       fast=not args.exact)
     for path, dets in zip(args.images, results):
         print(f"{path}: {len(dets)} detection(s)" + "".join(
             f"\n  {d.name} {d.score:.3f} [{d.xmin:.0f}, {d.ymin:.0f}, {d.xmax:.0f}, {d.ymax:.0f}]" for d in dets))
@@ -120,13 +123,16 @@ def _diffmap_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", required=True, help=".caffemodel")
     p.add_argument("--out", default="diffmap", help="output folder (default: diffmap/)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--exact", action="store_true", help="run the exact executor (default: the fast "
+                   "path, compiled once and checked equal to it, docs/performance.md)")
 
 
 @command("diffmap", "SR-TOD's view of images: reconstruction, difference map and mask as PNGs "
          "side by side (the paper's Fig. 1)", _diffmap_arguments)
 def cmd_diffmap(args) -> int:
     from . import pipelines
-    pipelines.diffmap(args.model, args.weights, args.images, args.out, args.device, echo=print, note=_note)
+    pipelines.diffmap(args.model, args.weights, args.images, args.out, args.device, echo=print, note=_note,
+                      fast=not args.exact)
     return 0
 
 
@@ -573,6 +579,8 @@ def _test_arguments(p: argparse.ArgumentParser) -> None:
                    "algorithms and keep the fastest (default off: run-to-run reproducible choice)")
     p.add_argument("--channels-last", action="store_true", help="channels-last memory for the net "
                    "(faster convolutions on CPU for thin, high-resolution layers)")
+    p.add_argument("--exact", action="store_true", help="run the exact executor (default: the fast "
+                   "path, compiled once and checked equal to it, docs/performance.md)")
 
 
 def _note(message: str) -> None:
@@ -585,7 +593,7 @@ def cmd_test(args) -> int:
     from . import pipelines
     pipelines.test(args.model, args.weights, args.out, args.iterations, args.ap_version, args.compare,
                    args.name, args.device, args.workers, cudnn_benchmark=args.cudnn_benchmark,
-                   channels_last=args.channels_last,
+                   channels_last=args.channels_last, fast=not args.exact,
                    echo=print, note=_note)
     return 0
 
@@ -676,6 +684,34 @@ def cmd_merge_bn(args) -> int:
         worst = max(differences, key=differences.get)
         print(f"max relative difference of the outputs on a random input: {differences[worst]:.3g} ('{worst}')")
     print(f"wrote {args.out_deploy} and {args.out_weights}")
+    return 0
+
+
+def _export_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("deploy", help="deploy prototxt with one DetectionOutput layer")
+    p.add_argument("--weights", required=True, help=".caffemodel")
+    p.add_argument("out", metavar="OUT.onnx", help="ONNX model to write")
+    p.add_argument("--no-nms", action="store_true", help="leave DetectionOutput out: outputs are its "
+                   "input blobs (loc, conf probabilities, priors) and the decoded boxes")
+
+
+@command("export", "write a deploy net as an ONNX model for ONNX Runtime, TensorRT or edge runtimes "
+         "(docs/performance.md)", _export_arguments)
+def cmd_export(args) -> int:
+    from .export import ExportError, export_onnx
+    from .net import Net
+    if not args.no_nms:
+        raise UsageError("exporting DetectionOutput as ONNX operators is not supported: ONNX's "
+                         "NonMaxSuppression has no top_k before NMS, no eta and its own order of equal "
+                         "scores, so its detections would differ from Caffe's; give --no-nms and run "
+                         "DetectionOutput on the outputs (docs/performance.md)")
+    try:
+        net = Net.from_prototxt(args.deploy, "TEST", device="cpu")
+        net.load_trained(args.weights)
+        names = export_onnx(net, args.out)
+    except ExportError as err:
+        raise UsageError(str(err)) from None
+    print(f"wrote {args.out}: inputs {', '.join(net.inputs)}; outputs {', '.join(names)}")
     return 0
 
 

@@ -52,6 +52,13 @@ def _srtod_layers(net: Net):
 
 
 @torch.no_grad()
+def view_blobs(net: Net) -> List[str]:
+    """The blobs :func:`srtod_view` reads after the forward pass (difference map, reconstruction,
+    image); ValueError if the net has no SR-TOD head."""
+    dgfe, difference, _ = _srtod_layers(net)
+    return [dgfe.lp.bottom[1], *difference.lp.bottom]
+
+
 def srtod_view(net: Net, image: np.ndarray) -> SRTODView:
     """Run ``net`` on one ``H x W x 3`` uint8 BGR image and collect the SR-TOD panels."""
     dgfe, difference, denormalize = _srtod_layers(net)

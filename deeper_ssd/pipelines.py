@@ -256,7 +256,7 @@ def _raise_outcome(outcome: Optional[BaseException]) -> None:
 def test(model: PathLike, weights: PathLike, out: PathLike = "runs/test", iterations: Optional[int] = None,
          ap_version: str = "11point", compare: Sequence[PathLike] = (), name: Optional[str] = None,
          device="cpu", workers: Optional[int] = None, channels_last: bool = False,
-         cudnn_benchmark: bool = False, echo: Echo = None, note: Echo = None) -> dict:
+         cudnn_benchmark: bool = False, echo: Echo = None, note: Echo = None, fast: bool = True) -> dict:
     """``deeper-ssd test``: evaluate the test net ``model`` (AnnotatedData + DetectionOutput +
     DetectionEvaluate) with ``weights`` for ``iterations`` batches (default: the test LMDB
     once); write ``results.json`` and ``pr_curve.png`` (with the curves of the ``compare``
@@ -264,8 +264,9 @@ def test(model: PathLike, weights: PathLike, out: PathLike = "runs/test", iterat
     AP version, per-class and per-size AP, PR curves, detection speed. ``echo`` receives the
     report (:func:`format_test_report`) and the files written, ``note`` non-fatal notes.
     ``workers``: data worker processes (default :func:`deeper_ssd.data.loader.default_workers`);
-    ``cudnn_benchmark``: :func:`set_cudnn_benchmark`."""
-    net = _trained_net(model, weights, device, note)
+    ``cudnn_benchmark``: :func:`set_cudnn_benchmark`.
+    ``fast``: the fast inference path (deeper_ssd.fast), the exact executor where it cannot."""
+    net = _trained_net(model, weights, device, note, fast)
     set_cudnn_benchmark(cudnn_benchmark)
     if channels_last:
         use_channels_last(net)
@@ -412,14 +413,19 @@ def demo(solver: Optional[PathLike] = None, seed: int = 0, out: PathLike = "runs
 # ---------------------------------------------------------------------------------------------
 # detect and diffmap: deploy nets on image files
 
-def _trained_net(model: PathLike, weights: PathLike, device, note: Echo = None) -> Net:
+def _trained_net(model: PathLike, weights: PathLike, device, note: Echo = None, fast: bool = False) -> Net:
     """The TEST net of ``model`` with ``weights`` (which must fill at least one layer; layers
-    left at their fillers are noted)."""
+    left at their fillers are noted); with ``fast``, its fast inference path
+    (:func:`deeper_ssd.fast.optimize`, compiled graphs cached in
+    :func:`~deeper_ssd.fast.default_cache_dir`)."""
     net = Net.from_prototxt(model, "TEST", device=torch_device(device))
     missing = net.load_trained(weights)
     if missing:
         _say(note, f"{weights} has no weights for {len(missing)} layer(s) of {model} "
                    f"({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}): they keep their fillers")
+    if fast:
+        from . import fast as fast_path
+        return fast_path.optimize(net, cache_dir=fast_path.default_cache_dir())
     return net
 
 
@@ -432,14 +438,15 @@ def _read_image(path: PathLike):
 
 def detect(model: PathLike, weights: PathLike, images: Sequence[PathLike], labelmap: Optional[PathLike] = None,
            out: PathLike = "detections", threshold: float = 0.5, mean: Sequence[float] = (104.0, 117.0, 123.0),
-           scale: float = 1.0, device="cpu", note: Echo = None) -> Tuple[List[list], Path]:
+           scale: float = 1.0, device="cpu", note: Echo = None, fast: bool = True) -> Tuple[List[list], Path]:
     """``deeper-ssd detect``: run the deploy net ``model`` (with a DetectionOutput layer) on
     image files; write ``<stem>_detections.jpg`` per image and ``detections.json`` into ``out``.
     ``mean`` (BGR) is subtracted and the result multiplied by ``scale``; detections scoring at
     least ``threshold`` are kept. Returns one list of :class:`deeper_ssd.detect.Detection`
     (pixels of the original image) per image and the path of detections.json. ``note`` receives
-    warnings: layers the weights leave at their fillers, non-finite detections dropped."""
-    net = _trained_net(model, weights, device, note)
+    warnings: layers the weights leave at their fillers, non-finite detections dropped.
+    ``fast``: the fast inference path (deeper_ssd.fast), the exact executor where it cannot."""
+    net = _trained_net(model, weights, device, note, fast)
     labels = {item.label: item.display_name or item.name
               for item in io.read_labelmap(labelmap).item} if labelmap else None
     pixels = [_read_image(path) for path in images]
@@ -450,13 +457,22 @@ def detect(model: PathLike, weights: PathLike, images: Sequence[PathLike], label
 
 
 def diffmap(model: PathLike, weights: PathLike, images: Sequence[PathLike], out: PathLike = "diffmap",
-            device="cpu", echo: Echo = None, note: Echo = None) -> List[Tuple[SRTODView, Dict[str, Path]]]:
+            device="cpu", echo: Echo = None, note: Echo = None, fast: bool = True,
+            ) -> List[Tuple[SRTODView, Dict[str, Path]]]:
     """``deeper-ssd diffmap``: SR-TOD's view of image files through a deploy net with the SR-TOD
     head: reconstruction, difference map and mask, written as PNGs (and side by side) into
     ``out``. Returns, per image, its :class:`deeper_ssd.diffmap.SRTODView` and the paths
     written (``side_by_side`` among them); ``echo`` receives one line per image as it is done,
-    ``note`` the layers the weights leave at their fillers."""
+    ``note`` the layers the weights leave at their fillers. ``fast``: the fast inference path
+    (deeper_ssd.fast), the exact executor where it cannot."""
     net = _trained_net(model, weights, device, note)
+    if fast:
+        try:
+            keep = srtod.view_blobs(net)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+        from . import fast as fast_path
+        net = fast_path.optimize(net, cache_dir=fast_path.default_cache_dir(), extra_outputs=keep)
     views = []
     for path in images:
         try:

@@ -40,6 +40,19 @@ def reference_dir() -> Path:
     return shared / "reference"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def fast_path_cache(tmp_path_factory):
+    """detect/test/diffmap cache compiled graphs (deeper_ssd.fast): in a temporary folder, not in
+    the user's ~/.cache."""
+    previous = os.environ.get("DEEPER_SSD_CACHE")
+    os.environ["DEEPER_SSD_CACHE"] = str(tmp_path_factory.mktemp("fast-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("DEEPER_SSD_CACHE", None)
+    else:
+        os.environ["DEEPER_SSD_CACHE"] = previous
+
+
 @pytest.fixture(scope="session")
 def oracle():
     from support import oracle as oracle_module

@@ -265,6 +265,13 @@ class Softmax(_Identity):
         return torch.softmax(x, dim=self.axis)
 
 
+def _normalize(x, scale, dims, eps, scale_view):
+    """Normalize's forward: ``(y, norm, scale as broadcast)``."""
+    norm = torch.sqrt(x.pow(2).sum(dim=dims, keepdim=True) + eps)
+    s = scale.reshape(scale_view)
+    return x / norm * s, norm, s
+
+
 class _CaffeNormalizeFunction(torch.autograd.Function):
     """Normalize's forward and Caffe's own backward.
 
@@ -277,9 +284,7 @@ class _CaffeNormalizeFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, scale, dims, eps, scale_view):
-        norm = torch.sqrt(x.pow(2).sum(dim=dims, keepdim=True) + eps)
-        s = scale.reshape(scale_view)
-        y = x / norm * s
+        y, norm, s = _normalize(x, scale, dims, eps, scale_view)
         ctx.save_for_backward(x, norm, s, y)
         ctx.dims, ctx.scale_shape = dims, scale.shape
         return y
@@ -324,6 +329,8 @@ class Normalize(_Identity):
         return super().setup(bottoms)
 
     def forward(self, x):
+        if not torch.is_grad_enabled():         # same arithmetic; plain ops trace and export
+            return _normalize(x, self.blobs[0], self.norm_dims, self.eps, self.scale_view)[0]
         return _CaffeNormalizeFunction.apply(x, self.blobs[0], self.norm_dims, self.eps, self.scale_view)
 
 
