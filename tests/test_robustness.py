@@ -160,7 +160,7 @@ def test_draw_refuses_a_net_whose_shapes_fail(tmp_path, capsys):
 def test_a_solver_whose_net_is_missing_leaves_no_log(tmp_path, capsys):
     solver = tmp_path / "solver.prototxt"
     solver.write_text(f'net: "{tmp_path}/nothere.prototxt"\nbase_lr: 0.1\nmax_iter: 1\n'
-                      f'snapshot_prefix: "{tmp_path}/run/snap"\n')
+                      f'snapshot_prefix: "{tmp_path}/run/snap"\nsolver_mode: CPU\n')
     code, out, err = run(capsys, "train", "--solver", solver)
     one_line_error(code, err, "nothere.prototxt")
     assert not (tmp_path / "run").exists() or not list((tmp_path / "run").iterdir())
