@@ -5,6 +5,8 @@ normalises its own loss; gradients are summed and scaled by 1/2; the root's weig
 statistics included) start every iteration. The reference below does exactly that in one
 process with two nets; the two-process run must reach the same weights.
 """
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -87,19 +89,23 @@ def _reference_single(paths, param):
 # ---------------------------------------------------------------------------------------------
 # stopping together: a NaN or an exception on one rank leaves one complete snapshot
 
-def _options(paths, **overrides) -> dict:
-    """pipelines.train's per-process options for the tiny solver."""
-    options = dict(solver=str(paths["solver"]), weights=[], snapshot=None, device=None, workers=0,
-                   log=str(paths["prefix"]) + ".log", sigint_effect="stop", sighup_effect="snapshot",
-                   sigterm_effect="stop", channels_last=False, progress=False, seed=None, amp=None, tf32=False)
-    options.update(overrides)
-    return options
+def _options(paths, monkeypatch) -> dict:
+    """The per-process options ``pipelines.train(gpus=[0, 1])`` hands its ranks (taken from the
+    call, with two GPUs simulated; the ranks here run on the CPU)."""
+    captured = []
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.cuda, "is_available", lambda: True)
+        patch.setattr(torch.cuda, "device_count", lambda: 2)
+        patch.setattr(distributed, "spawn", lambda fn, ranks, args=(), timeout=None: captured.extend(args) or [None])
+        pipelines.train(paths["solver"], gpus=[0, 1], workers=0, progress=False, log=str(paths["prefix"]) + ".log")
+    return captured[0]
 
 
 def _faulty_rank(comm, options: dict, fault: str, at: int):
     """pipelines' rank function, with ``fault`` ("nan" or "exception") injected into rank 1's
-    train forward of iteration ``at``, and rank 0's file writes slowed down (before the fix,
-    rank 1 left at once and the launcher ended rank 0 in the middle of its snapshot)."""
+    train forward of iteration ``at`` ("test": an exception in rank 0's test phase there), and
+    rank 0's file writes slowed down (before the fix, rank 1 left at once and the launcher
+    ended rank 0 in the middle of its snapshot)."""
     import time
     from deeper_ssd import io as dio, pipelines
     from deeper_ssd.net import Net
@@ -110,6 +116,13 @@ def _faulty_rank(comm, options: dict, fault: str, at: int):
             time.sleep(0.5)
             write(path, data)
         dio.atomic_write_bytes = slow_write
+        test_all = Solver.test_all
+
+        def failing_test_all(self):
+            if fault == "test" and self.iter == at:
+                raise RuntimeError("injected test failure")
+            test_all(self)
+        Solver.test_all = failing_test_all
     else:
         forward, calls = Net.forward, [0]
 
@@ -129,10 +142,11 @@ def _snapshot_files(folder):
     return sorted(p.name for p in folder.iterdir() if not p.name.endswith(".log"))
 
 
-@pytest.mark.parametrize("fault", ["nan", "exception"])
-def test_a_fault_on_one_rank_leaves_one_complete_snapshot_and_its_message(tmp_path, capfd, fault):
-    paths = make_tiny(tmp_path, batch=2, max_iter=6, snapshot=0)
-    outcomes = distributed.spawn(_faulty_rank, ["cpu", "cpu"], args=(_options(paths), fault, 2))
+@pytest.mark.parametrize("fault", ["nan", "exception", "test"])
+def test_a_fault_on_one_rank_leaves_one_complete_snapshot_and_its_message(tmp_path, capfd, monkeypatch, fault):
+    tests = dict(test_interval=2, test_iter=[1]) if fault == "test" else {}
+    paths = make_tiny(tmp_path, batch=2, max_iter=6, snapshot=0, **tests)
+    outcomes = distributed.spawn(_faulty_rank, ["cpu", "cpu"], args=(_options(paths, monkeypatch), fault, 2))
     folder = paths["prefix"].parent
     files = _snapshot_files(folder)
     assert not [f for f in files if f.endswith(".partial")], files
@@ -143,11 +157,15 @@ def test_a_fault_on_one_rank_leaves_one_complete_snapshot_and_its_message(tmp_pa
     expected = NonFiniteError if fault == "nan" else RankFailed
     assert isinstance(outcomes[0], expected) and isinstance(outcomes[1], expected), outcomes
     message = str(outcomes[0])
-    assert message.startswith("iteration 2: rank 1: ") and "tiny_iter_2.solverstate" in message, message
-    if fault == "exception":
-        assert "RuntimeError: injected failure" in message
-    assert message in capfd.readouterr().out                     # rank 0 logged it
-    with pytest.raises(expected if fault == "nan" else pipelines.TrainingProcessError, match="rank 1"):
+    rank = 0 if fault == "test" else 1
+    assert message.startswith(f"iteration 2: rank {rank}: ") and "tiny_iter_2.solverstate" in message, message
+    if fault != "nan":
+        assert f"RuntimeError: injected {'test ' if fault == 'test' else ''}failure" in message
+    out = capfd.readouterr().out
+    assert message in out                                        # rank 0 logged it
+    assert re.search(r"Training on 2 processes \(gloo backend\): rank 0 on cpu \(\d+ threads\), "
+                     r"rank 1 on cpu \(\d+ threads\)", out)
+    with pytest.raises(expected if fault == "nan" else pipelines.TrainingProcessError, match=f"rank {rank}"):
         pipelines._raise_outcome(outcomes[0])
 
 
