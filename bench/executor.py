@@ -1,16 +1,28 @@
-"""Forward time of the executor vs the same network written by hand (bench/handwritten.py).
+"""Forward time (to detections) of every way this project runs a deploy net, against OpenCV and
+against the same network written by hand (bench/handwritten.py).
 
     python bench/executor.py [--models ssd300 deeper_ssd500] [--batches 1 8] [--rounds 5]
+                             [--threads N] [--clock wall|cpu]
 
-Both run in this process on the same weights and inputs, alternating (the order flips every
-round so neither side always runs on a warm cache); the median of each is reported with the
-ratio executor / hand-written (target and numbers: docs/performance.md, "Executor forward").
-OpenCV's Caffe importer runs the
-same deploy.prototxt + .caffemodel for reference. Outputs are checked equal before timing.
+In this process, on the same weights and input, round-robin (the order rotates every round so
+no variant always runs on a warm cache), medians reported:
+
+* exact: the executor (deeper_ssd.net.Net);
+* fast: its fast inference path (deeper_ssd.fast.optimize, default backend: ONNX Runtime
+  when installed, else a frozen TorchScript graph; ``fast-ts`` times the TorchScript backend
+  as well when ONNX Runtime is the default);
+* onnx: ONNX Runtime on the ``deeper-ssd export --no-nms`` model, followed by the same
+  DetectionOutput layer;
+* opencv: OpenCV's Caffe importer on the same deploy.prototxt + .caffemodel;
+* hand: the hand-written PyTorch network with the same DetectionOutput.
+
+Ratios are printed against OpenCV and against the hand-written network. Outputs are checked
+equal (exact vs hand-written) first. OpenCV and ONNX Runtime use as many threads as torch.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import statistics
 import sys
 import tempfile
@@ -24,6 +36,8 @@ sys.path.insert(0, str(HERE))
 import handwritten  # noqa: E402
 
 from deeper_ssd import io  # noqa: E402
+from deeper_ssd.export import export_onnx  # noqa: E402
+from deeper_ssd.fast import optimize  # noqa: E402
 from deeper_ssd.net import Net  # noqa: E402
 
 MODELS = {
@@ -32,10 +46,14 @@ MODELS = {
 }
 
 
+CLOCK = {"wall": time.perf_counter, "cpu": time.process_time}
+clock = time.perf_counter
+
+
 def _time(fn) -> float:
-    start = time.perf_counter()
+    start = clock()
     fn()
-    return time.perf_counter() - start
+    return clock() - start
 
 
 def bench_model(name: str, batches, rounds: int, opencv: bool) -> list:
@@ -43,59 +61,91 @@ def bench_model(name: str, batches, rounds: int, opencv: bool) -> list:
     net_param = io.read_net(HERE.parent / deploy)
     for layer in net_param.layer:        # result files would need the VOC label map; not timed
         layer.detection_output_param.ClearField("save_output_param")
-    deploy = Path(tempfile.mkdtemp()) / "deploy.prototxt"
+    folder = Path(tempfile.mkdtemp())
+    deploy = folder / "deploy.prototxt"
     io.write_net(net_param, deploy)
     net = Net(net_param, "TEST", seed=0)
     data = net.inputs[0]
     detections = [layer for layer in net.layers if layer.caffe_type == "DetectionOutput"][0]
+    top = detections.lp.top[0]
     hand = factory(classes, detections)
     hand.copy_weights_from(net)
     net.eval()
     hand.eval()
+    weights = folder / "w.caffemodel"
+    net.save_caffemodel(weights)
     rows = []
     for batch in batches:
         x = torch.randn((batch,) + tuple(net.blob_shapes[data][1:])) * 50
+        runs, compile_s = _variants(net, hand, data, x, detections, folder, opencv, deploy, weights)
         with torch.no_grad():
-            ours_out = net(**{data: x})[detections.lp.top[0]]
+            ours_out = net(**{data: x})[top]
             hand_out = hand.detect(x)
             assert ours_out.shape == hand_out.shape and torch.allclose(ours_out, hand_out, atol=1e-4), \
                 f"{name}: executor and hand-written outputs differ"
-            times = {"executor": [], "hand": []}
-            runs = {"executor": lambda: net(**{data: x}), "hand": lambda: hand.detect(x)}
+            times = {key: [] for key in runs}
+            keys = list(runs)
             for r in range(rounds):
-                order = ("executor", "hand") if r % 2 == 0 else ("hand", "executor")
-                for key in order:
+                for key in keys[r % len(keys):] + keys[:r % len(keys)]:
                     times[key].append(_time(runs[key]))
-        ours, base = statistics.median(times["executor"]), statistics.median(times["hand"])
-        row = {"model": name, "batch": batch, "executor_s": ours, "hand_s": base, "ratio": ours / base}
-        if opencv:
-            row["opencv_s"] = _opencv_time(net, deploy, x, rounds)
+        row = {"model": name, "batch": batch, "compile_s": compile_s,
+               **{key: statistics.median(value) for key, value in times.items()}}
         rows.append(row)
         print(_format(row), flush=True)
     return rows
 
 
-def _opencv_time(net: Net, deploy: Path, x: torch.Tensor, rounds: int) -> float:
-    import cv2
-    with tempfile.TemporaryDirectory() as tmp:
-        weights = Path(tmp) / "w.caffemodel"
-        net.save_caffemodel(weights)
+def _variants(net, hand, data, x, detections, folder, opencv, deploy, weights):
+    """The timed callables by name, and the fast path's compile times (cold, warm from the cache)."""
+    runs = {"exact": lambda: net(**{data: x}), "hand": lambda: hand.detect(x)}
+    compile_s = {}
+    backends = [None]
+    if importlib.util.find_spec("onnxruntime"):
+        backends.append("torchscript")
+    cache = folder / "cache"
+    for backend in backends:
+        fast_net = optimize(net, backend=backend, cache_dir=cache)
+        fast_net(**{data: x})
+        cold = fast_net.last_compile_s
+        warm_net = optimize(net, backend=backend, cache_dir=cache)      # a second process would do this
+        warm_net(**{data: x})
+        label = "fast" if backend is None else "fast-ts"
+        compile_s[label] = (cold, warm_net.last_compile_s, fast_net.backend)
+        runs[label] = (lambda f: lambda: f(**{data: x}))(warm_net)
+    if importlib.util.find_spec("onnxruntime"):
+        import onnxruntime
+        names = export_onnx(net, folder / "net.onnx")
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        session = onnxruntime.InferenceSession(str(folder / "net.onnx"), options,
+                                               providers=["CPUExecutionProvider"])
+        bottoms = [names.index(b) for b in detections.lp.bottom[:3]]
+
+        def onnx_run():
+            outs = session.run(None, {data: x.numpy()})
+            return detections(*(torch.from_numpy(outs[i]) for i in bottoms))
+        runs["onnx"] = onnx_run
+    if opencv:
+        import cv2
+        cv2.setNumThreads(torch.get_num_threads())
         cv_net = cv2.dnn.readNetFromCaffe(str(deploy), str(weights))
-    blob = x.numpy()
-    cv_net.setInput(blob)
-    cv_net.forward()
-    times = []
-    for _ in range(rounds):
-        cv_net.setInput(blob)
-        times.append(_time(cv_net.forward))
-    return statistics.median(times)
+        blob = x.numpy()
+
+        def cv_run():
+            cv_net.setInput(blob)
+            return cv_net.forward()
+        runs["opencv"] = cv_run
+    return runs, compile_s
 
 
 def _format(row: dict) -> str:
-    text = (f"{row['model']:>14} batch {row['batch']}: executor {row['executor_s'] * 1000:8.1f} ms, "
-            f"hand-written {row['hand_s'] * 1000:8.1f} ms, ratio {row['ratio']:.3f}")
-    if "opencv_s" in row:
-        text += f"  (OpenCV {row['opencv_s'] * 1000:.1f} ms)"
+    names = [k for k in ("exact", "fast", "fast-ts", "onnx", "opencv", "hand") if k in row]
+    text = f"{row['model']} batch {row['batch']}: " + ", ".join(f"{k} {row[k] * 1000:.1f} ms" for k in names)
+    for base in ("opencv", "hand"):
+        if base in row:
+            text += f"\n  / {base}: " + ", ".join(f"{k} {row[k] / row[base]:.3f}" for k in names if k != base)
+    for label, (cold, warm, backend) in row["compile_s"].items():
+        text += f"\n  {label} ({backend}) start: {cold:.1f} s cold, {warm:.1f} s from the cache"
     return text
 
 
@@ -105,8 +155,16 @@ def main(argv=None) -> int:
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--no-opencv", action="store_true")
+    parser.add_argument("--threads", type=int, help="threads of torch, ONNX Runtime and OpenCV "
+                        "(default: torch's)")
+    parser.add_argument("--clock", choices=list(CLOCK), default="wall", help="wall time, or the "
+                        "process's CPU time (steadier on a shared machine; use with --threads 1)")
     args = parser.parse_args(argv)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device cpu")
+    global clock
+    clock = CLOCK[args.clock]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device cpu, {args.clock} time")
     for name in args.models:
         bench_model(name, args.batches, args.rounds, not args.no_opencv)
     return 0
