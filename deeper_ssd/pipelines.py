@@ -200,7 +200,8 @@ def _train_process(param, options: dict, comm=None, device=None) -> Solver:
     set_cudnn_benchmark(options["cudnn_benchmark"])
     root = comm is None or comm.rank == 0
     log_path = options["log"] or (param.snapshot_prefix + ".log")
-    console = Console(log_path if root else None, progress=options["progress"], every=param.display or 10)
+    console = Console(log_path if root else None, progress=options["progress"], every=param.display or 10,
+                      hold=True)
     try:
         solver = Solver(param, base_dir=Path(options["solver"]).resolve().parent,
                         device=device, log=console.log, progress=console.progress,
@@ -209,6 +210,7 @@ def _train_process(param, options: dict, comm=None, device=None) -> Solver:
     except (LrPolicyError, SolverTypeError) as err:
         console.close()
         raise UsageError(f"{options['solver']}: {err}") from None
+    console.release()                      # the solver is built: its lines go to the log file
     try:
         if devices.requested_fallback(param, options["device"]):
             console.log("solver_mode is GPU; training on the CPU as --device cpu asks")

@@ -13,11 +13,14 @@ class Console:
     """``log(message)``: the line on stdout and, prefixed ``I<mmdd hh:mm:ss.us> <pid> deeper-ssd]``,
     appended to ``log_path`` (when given). ``progress(p)`` takes a
     :class:`deeper_ssd.solver.trainer.Progress`: the progress line is redrawn in place on a
-    terminal, printed every ``every`` updates otherwise; ``progress=False`` turns it off."""
+    terminal, printed every ``every`` updates otherwise; ``progress=False`` turns it off.
+    ``hold``: keep the file's lines in memory until :meth:`release` (a run that fails while it
+    is set up writes no log file)."""
 
-    def __init__(self, log_path=None, progress: bool = True, every: int = 10):
-        self.path = log_path                  # opened (folder made) at the first line: a run
-        self.file = None                      # that fails before logging leaves no empty log
+    def __init__(self, log_path=None, progress: bool = True, every: int = 10, hold: bool = False):
+        self.path = log_path                  # opened (folder made) at the first line written
+        self.file = None
+        self._held = [] if hold else None
         self.tty = sys.stderr.isatty()
         self.progress_on = progress
         self.every = max(1, every)
@@ -27,12 +30,27 @@ class Console:
     def log(self, message: str) -> None:
         self._clear()
         print(message, flush=True)
-        if self.path and self.file is None:
+        if not self.path:
+            return
+        now = datetime.datetime.now()
+        line = f"I{now:%m%d %H:%M:%S.%f} {self._pid} deeper-ssd] {message}\n"
+        if self._held is not None:
+            self._held.append(line)
+        else:
+            self._write([line])
+
+    def release(self) -> None:
+        """Write the held lines to the log file; later lines go straight to it."""
+        held, self._held = self._held or [], None
+        self._write(held)
+
+    def _write(self, lines) -> None:
+        if not lines:
+            return
+        if self.file is None:
             os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
             self.file = open(self.path, "a", buffering=1)
-        if self.file is not None:
-            now = datetime.datetime.now()
-            self.file.write(f"I{now:%m%d %H:%M:%S.%f} {self._pid} deeper-ssd] {message}\n")
+        self.file.writelines(lines)
 
     def progress(self, p) -> None:
         if not self.progress_on:
