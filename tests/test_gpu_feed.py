@@ -2,6 +2,7 @@
 test nets), frozen blobs are broadcast once, gradients all-reduced during backward equal the
 after-backward average (two gloo processes)."""
 import pytest
+import torch
 
 from deeper_ssd.data.loader import default_workers
 from deeper_ssd.solver import Solver
@@ -31,7 +32,6 @@ def test_workers_reach_test_nets_and_default_to_the_core_rule(tiny, tmp_path):
 
 def _broadcasts(comm, out: str) -> None:
     """Rank 1 changes a BatchNorm statistic and a frozen weight; one broadcast_statistics."""
-    import torch
     from deeper_ssd.net import LearnableParam
     stat = LearnableParam("bn", 0, torch.nn.Parameter(torch.zeros(3), requires_grad=False), 0, 0, statistics=True)
     frozen = LearnableParam("teacher/conv", 0, torch.nn.Parameter(torch.zeros(3), requires_grad=False), 0, 1)
@@ -44,7 +44,6 @@ def _broadcasts(comm, out: str) -> None:
 
 
 def test_only_batchnorm_statistics_are_broadcast_every_iteration(tmp_path):
-    import torch
     from deeper_ssd.solver import distributed
     distributed.spawn(_broadcasts, ["cpu", "cpu"], args=(str(tmp_path),))
     stat, frozen, trained = torch.load(tmp_path / "1.pt")
@@ -65,7 +64,6 @@ def _overlapped_vs_after_backward(comm, train: str, out: str) -> None:
     all-reduce during the second backward and, again from the same batches, by one
     all-reduce after backward (the formula the averager replaces)."""
     import numpy as np
-    import torch
     import torch.distributed as dist
     from deeper_ssd.net import Net
     net = Net.from_prototxt(train, "TRAIN", seed=1)
@@ -97,7 +95,6 @@ def _overlapped_vs_after_backward(comm, train: str, out: str) -> None:
 
 
 def test_gradients_averaged_during_backward_equal_the_average_after_it(tiny, tmp_path):
-    import torch
     from deeper_ssd.solver import distributed
     distributed.spawn(_overlapped_vs_after_backward, ["cpu", "cpu"], args=(str(tiny["train"]), str(tmp_path)))
     results = [torch.load(tmp_path / f"{rank}.pt") for rank in range(2)]
@@ -113,7 +110,6 @@ def test_gradients_averaged_during_backward_equal_the_average_after_it(tiny, tmp
 # --cudnn-benchmark
 
 def test_cudnn_benchmark_is_off_unless_asked_for_in_train_and_test(tiny, tmp_path, monkeypatch):
-    import torch
     from deeper_ssd import cli, io, pipelines
     io.write_solver(solver_param(tiny, snapshot_prefix=str(tmp_path / "b"), max_iter=1, test_interval=100,
                                  snapshot=0), tmp_path / "solver.prototxt")
@@ -130,3 +126,58 @@ def test_cudnn_benchmark_is_off_unless_asked_for_in_train_and_test(tiny, tmp_pat
     for argv in (["train", "--solver", "s"], ["test", "--model", "m", "--weights", "w"]):
         assert parser.parse_args(argv).cudnn_benchmark is False
         assert parser.parse_args(argv + ["--cudnn-benchmark"]).cudnn_benchmark is True
+
+
+# ---------------------------------------------------------------------------------------------
+# on a CUDA device (skipped without one; bench/gpu_check.sh runs them with the GPU check)
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
+
+
+def _data_batches(train, device, **loader):
+    from deeper_ssd.net import Net
+    layer = Net.from_prototxt(train, "TRAIN", device=device).layer_by_name["data"]
+    layer.set_seed(9)
+    layer.configure_loader(num_workers=1, **loader)
+    settings = layer.loader_settings()
+    batches = [layer.forward() for _ in range(3)]
+    layer.close()
+    return settings, batches
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_feed_is_pinned_uint8_and_equals_the_cpu_float_path(tiny):
+    settings, on_cuda = _data_batches(tiny["train"], "cuda")
+    assert settings["pin_memory"] and settings["uint8"]
+    _, on_cpu = _data_batches(tiny["train"], "cpu")
+    for (d_gpu, l_gpu), (d_cpu, l_cpu) in zip(on_cuda, on_cpu):
+        assert d_gpu.device.type == "cuda" and d_gpu.dtype == torch.float32
+        assert l_gpu.device.type == "cpu" and l_gpu.is_pinned()       # the loss reads it on the host
+        assert torch.equal(d_gpu.cpu().view(torch.int32), d_cpu.view(torch.int32))
+        assert torch.equal(l_gpu, l_cpu)
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_priors_loss_with_a_host_label_equal_the_device_label_path(tiny):
+    from deeper_ssd.net import Net
+    net = Net.from_prototxt(tiny["train"], "TRAIN", device="cuda", seed=2)
+    cpu = Net.from_prototxt(tiny["train"], "TRAIN", device="cpu", seed=2)
+    data = net.layer_by_name["data"]
+    data.configure_loader(num_workers=0)
+    data.set_seed(4)
+    net(keep_blobs=True)
+    blobs = net.blobs
+    loss = next(layer for layer in net.layers if layer.caffe_type == "MultiBoxLoss")
+    bottoms = [blobs[name] for name in loss.lp.bottom]
+    host_label = bottoms[3].cpu()
+    via_host = loss.terms(*bottoms[:3], host_label)
+    via_device = loss.terms(*bottoms[:3], host_label.cuda())
+    assert torch.equal(via_host.loss, via_device.loss) and torch.equal(via_host.indices, via_device.indices)
+    for layer in net.layers:
+        if layer.caffe_type == "PriorBox":
+            twin = cpu.layer_by_name[layer.name]
+            for (hw, image_hw, dtype, device), top in layer._prior_cache.items():
+                assert torch.equal(top.cpu(), twin.priors(hw, image_hw, dtype, "cpu"))
+    data.close()

@@ -428,9 +428,11 @@ for i, (name, k) in enumerate([("conv1", 0), ("conv1", 1), ("conv2", 0), ("conv2
 # ---------------------------------------------------------------------------------------------
 # the grouped foreach update equals Caffe's per-blob loop bit for bit
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")])])
 @pytest.mark.parametrize("kind", ["SGD", "Nesterov", "AdaGrad", "RMSProp", "AdaDelta", "Adam"])
 @pytest.mark.parametrize("regularization, iter_size", [("L2", 1), ("L1", 3)])
-def test_foreach_update_equals_the_per_blob_loop(kind, regularization, iter_size):
+def test_foreach_update_equals_the_per_blob_loop(kind, regularization, iter_size, device):
     from support import solver_reference
     momentum = 0.0 if kind in ("AdaGrad", "RMSProp") else 0.9
     param = solver(type=kind, momentum=momentum, momentum2=0.999, delta=1e-6, rms_decay=0.98,
@@ -441,18 +443,19 @@ def test_foreach_update_equals_the_per_blob_loop(kind, regularization, iter_size
     # an lr_mult 0 blob, shapes from scalars to conv-sized
     mults = [(1, 1), (2, 0), (1, 1), (0, 0), (2, 0), (0.1, 3), (1, 1)]
     shapes = [(16, 8, 3, 3), (16,), (32, 16, 1, 1), (5,), (32,), (7, 3), ()]
-    ps = [P(f"l{i}", 0, torch.nn.Parameter(torch.randn(s, generator=g)), lr, dm)
+    ps = [P(f"l{i}", 0, torch.nn.Parameter(torch.randn(s, generator=g).to(device)), lr, dm)
           for i, ((lr, dm), s) in enumerate(zip(mults, shapes))]
     blobs = [p.blob.detach().clone() for p in ps]
     rule = make_rule(param, ps)
     history = [torch.zeros_like(b) for _ in range(rule.histories) for b in blobs]
     assert len(rule.groups) == 4
     for it in range(4):
-        grads = [torch.randn(b.shape, generator=g) * 10 ** (it - 2) for b in blobs]
+        grads = [(torch.randn(b.shape, generator=g) * 10 ** (it - 2)).to(device) for b in blobs]
         for p, grad in zip(ps, grads):
             p.blob.grad = grad.clone()
         rate = 0.01 * (it + 1)
-        scale = rule.apply(rate, it)
+        sumsq = float(rule.gradient_sumsq())                     # as the trainer passes it
+        scale = rule.apply(rate, it, grad_norm=math.sqrt(sumsq))
         assert (scale is not None) == (regularization == "L1" and it >= 2)     # clipped when large
         solver_reference.apply(kind, param, blobs, grads, [m[0] for m in mults], [m[1] for m in mults],
                                history, rate, it, clip_scale=scale)
