@@ -252,10 +252,15 @@ class BatchLoader:
             self._iter._worker_pids_set = False
 
     def _worker_died(self, err: BaseException) -> bool:
+        if "exited unexpectedly" in str(err) or "killed by signal" in str(err):
+            return True
         workers = getattr(self._iter, "_workers", None) or []
-        return isinstance(err, (RuntimeError, ConnectionError, EOFError)) and (
-            any(not w.is_alive() for w in workers) or "exited unexpectedly" in str(err)
-            or "killed by signal" in str(err))
+        if isinstance(err, (ConnectionError, EOFError)) and workers:
+            # a batch handed over by a worker that died mid-way: its exit may not be known yet
+            # (the forkserver reports it), so wait a moment for it
+            import multiprocessing.connection
+            multiprocessing.connection.wait([w.sentinel for w in workers], timeout=5.0)
+        return any(not w.is_alive() for w in workers)
 
     def _fetch(self):
         failures = 0
