@@ -692,7 +692,8 @@ def _export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", required=True, help=".caffemodel")
     p.add_argument("out", metavar="OUT.onnx", help="ONNX model to write")
     p.add_argument("--no-nms", action="store_true", help="leave DetectionOutput out: outputs are its "
-                   "input blobs (loc, conf probabilities, priors) and the decoded boxes")
+                   "input blobs (loc, conf probabilities, priors) and the decoded boxes (default: "
+                   "DetectionOutput as ONNX TopK + NonMaxSuppression, output 'detections')")
 
 
 @command("export", "write a deploy net as an ONNX model for ONNX Runtime, TensorRT or edge runtimes "
@@ -700,15 +701,10 @@ def _export_arguments(p: argparse.ArgumentParser) -> None:
 def cmd_export(args) -> int:
     from .export import ExportError, export_onnx
     from .net import Net
-    if not args.no_nms:
-        raise UsageError("exporting DetectionOutput as ONNX operators is not supported: ONNX's "
-                         "NonMaxSuppression has no top_k before NMS, no eta and its own order of equal "
-                         "scores, so its detections would differ from Caffe's; give --no-nms and run "
-                         "DetectionOutput on the outputs (docs/performance.md)")
     try:
         net = Net.from_prototxt(args.deploy, "TEST", device="cpu")
         net.load_trained(args.weights)
-        names = export_onnx(net, args.out)
+        names = export_onnx(net, args.out, nms=not args.no_nms)
     except ExportError as err:
         raise UsageError(str(err)) from None
     print(f"wrote {args.out}: inputs {', '.join(net.inputs)}; outputs {', '.join(names)}")

@@ -170,14 +170,65 @@ def test_onnx_export_runs_in_onnxruntime_with_our_outputs(model, tmp_path):
 
 
 def test_export_command(tmp_path, capsys):
-    pytest.importorskip("onnx", reason="onnx is not installed (pip install -e .[onnx])")
+    ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install -e .[onnx])")
     from deeper_ssd import cli
     net = smallest_net("deeper_ssd500_tiny")
     deploy, weights = tmp_path / "deploy.prototxt", tmp_path / "w.caffemodel"
-    param = net.to_proto(with_blobs=False)
-    io.write_net(param, deploy)
+    io.write_net(net.to_proto(with_blobs=False), deploy)
     net.save_caffemodel(weights)
-    assert cli.main(["export", str(deploy), "--weights", str(weights), str(tmp_path / "a.onnx")]) == 2
-    assert "--no-nms" in capsys.readouterr().err
     assert cli.main(["export", str(deploy), "--weights", str(weights), str(tmp_path / "a.onnx"), "--no-nms"]) == 0
-    assert "outputs mbox_loc" in capsys.readouterr().out and (tmp_path / "a.onnx").stat().st_size > 0
+    assert "outputs mbox_loc" in capsys.readouterr().out
+    assert cli.main(["export", str(deploy), "--weights", str(weights), str(tmp_path / "b.onnx")]) == 0
+    assert capsys.readouterr().out.rstrip().endswith("boxes, detections")
+    session = ort.InferenceSession(str(tmp_path / "b.onnx"), providers=["CPUExecutionProvider"])
+    assert session.get_outputs()[-1].name == "detections"
+    param = net.to_proto(with_blobs=False)
+    [layer for layer in param.layer if layer.type == "DetectionOutput"][0].detection_output_param.nms_param.eta = 0.9
+    io.write_net(param, deploy)
+    assert cli.main(["export", str(deploy), "--weights", str(weights), str(tmp_path / "c.onnx")]) == 2
+    assert "eta < 1" in capsys.readouterr().err
+
+
+NMS_CASES = [
+    "code_type: CENTER_SIZE nms_param { nms_threshold: 0.45 top_k: 40 } keep_top_k: 20 confidence_threshold: 0.01",
+    "code_type: CENTER_SIZE nms_param { nms_threshold: 0.3 } confidence_threshold: 0.2",
+    "code_type: CENTER_SIZE nms_param { nms_threshold: 0.45 top_k: 30 } keep_top_k: 300 background_label_id: 2",
+    "code_type: CENTER_SIZE variance_encoded_in_target: true nms_param { nms_threshold: 0.6 top_k: 50 } "
+    "keep_top_k: 7 background_label_id: 4",
+]
+
+
+@pytest.mark.parametrize("fields", NMS_CASES)
+def test_onnx_detection_output_equals_the_layer_on_random_scores(fields):
+    """DetectionOutput as ONNX TopK + NonMaxSuppression (export.py) against the layer, on random
+    boxes and scores without ties: the same rows (the ONNX output is best-first and padded).
+    CENTER_SIZE decodes no inverted box; where ONNX Runtime treats those differently:
+    docs/decisions.md."""
+    ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install -e .[onnx])")
+    import numpy as np
+    from deeper_ssd.export import _WithBoxes
+    from deeper_ssd.layers.detection_output import DetectionOutput
+    from support.layers import layer_param
+    from test_nms import random_case
+
+    class Bottoms(torch.nn.Module):
+        def forward(self, loc, conf, prior):
+            return loc, conf, prior
+
+    def rows_in_order(rows):
+        rows = rows[rows[:, 1] >= 0] if len(rows) else rows
+        return rows[np.lexsort((rows[:, 3], rows[:, 1], -rows[:, 2], rows[:, 0]))]
+
+    for seed in range(3):
+        bottoms = random_case(seed, 2, 80, 5, 1, ties=False)
+        text = (f'name: "det" type: "DetectionOutput" bottom: "loc" bottom: "conf" bottom: "prior" '
+                f'top: "out" detection_output_param {{ num_classes: 5 {fields} }}')
+        layer = DetectionOutput(layer_param(text), [tuple(b.shape) for b in bottoms])
+        module = _WithBoxes(Bottoms(), layer, [0, 1, 2], nms=True).eval()
+        data = fast.onnx_bytes(module, bottoms, ["loc", "conf", "prior"], ["l", "c", "p", "boxes", "detections"])
+        session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+        theirs = session.run(["detections"], dict(zip(["loc", "conf", "prior"], (b.numpy() for b in bottoms))))[0]
+        ours = layer(*bottoms)[0, 0].numpy()
+        if ours[0, 1] == -1:                                       # no detection: Caffe's filler rows
+            ours = ours[:0]
+        np.testing.assert_allclose(rows_in_order(theirs.reshape(-1, 7)), rows_in_order(ours), atol=1e-6)
