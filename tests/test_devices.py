@@ -114,13 +114,13 @@ def test_gpus_put_rank_r_on_its_own_gpu(cuda, monkeypatch, tmp_path):
         pipelines.train(paths["solver"], gpus=[0, 2], progress=False)
     # each spawned process makes its GPU current before joining the NCCL group
     joined, results = [], []
-    monkeypatch.setattr(distributed.dist, "init_process_group",
-                        lambda backend, rank, world_size, timeout: joined.append((backend, rank, world_size)))
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda backend, rank, world_size, timeout:
+                        joined.append((backend, rank, world_size, timeout.total_seconds())))
     monkeypatch.setattr(distributed.dist, "destroy_process_group", lambda: None)
     monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
     queue = SimpleNamespace(put=results.append)
     distributed._worker(1, _device_of, ["cuda:1", "cuda:0"], "nccl", 0, (), queue, 60)
-    assert cuda.current == ["cuda:0"] and joined == [("nccl", 1, 2)] and results == [(1, "cuda:0")]
+    assert cuda.current == ["cuda:0"] and joined == [("nccl", 1, 2, 60.0)] and results == [(1, "cuda:0")]
 
 
 def _device_of(comm):
