@@ -92,3 +92,24 @@ def test_top_candidates_equals_full_keys_with_ties_and_nan(count):
                                   else candidates, count)
         theirs = top_by_keys(scores, mask, count)
         assert torch.equal(ours[1], theirs[1]) and torch.equal(ours[0][ours[1]], theirs[0][theirs[1]])
+
+
+def test_early_end_and_refetch_match_caffe(oracle, monkeypatch):
+    """The same against real Caffe, with the first fetch cut to 4 candidates per class so that
+    the early end and the second fetch both happen. Equal scores only where keep_top_k does
+    not cut among them (Caffe orders those with an unstable sort)."""
+    from support.layers import run_caffe_cases
+    monkeypatch.setattr(DetectionOutput, "FIRST_FETCH", 4)
+    chosen = [(CASES[0], False), (CASES[2], True), (CASES[3], False), (CASES[4], False), (CASES[5], False)]
+    cases = []
+    for index, (fields, ties) in enumerate(chosen):
+        loc_classes = 5 if "share_location: false" in fields else 1
+        bottoms = random_case(7 + index, 2, 300, 5, loc_classes, ties=ties)
+        cases.append(dict(text=(f'name: "det" type: "DetectionOutput" bottom: "loc" bottom: "conf" '
+                                f'bottom: "prior" top: "out" detection_output_param {{ num_classes: 5 {fields} }}'),
+                          bottoms=[b.numpy() for b in bottoms], force_backward=False))
+    for case, theirs in zip(cases, run_caffe_cases(oracle, cases)):
+        layer = DetectionOutput(layer_param(case["text"]), [b.shape for b in case["bottoms"]])
+        ours = layer(*[torch.tensor(b) for b in case["bottoms"]]).numpy()
+        assert ours.shape == theirs["tops"][0].shape, case["text"]
+        np.testing.assert_allclose(ours, theirs["tops"][0], atol=1e-7, err_msg=case["text"])
