@@ -96,9 +96,9 @@ class Layer(torch.nn.Module):
         self.top_shapes: List[Shape] = [tuple(int(d) for d in s) for s in tops]
 
     def __call__(self, *bottoms, **kwargs):
-        if (self.float32 or self.is_loss) and bottoms and isinstance(bottoms[0], torch.Tensor) \
-                and torch.is_autocast_enabled(bottoms[0].device.type):
-            with torch.autocast(bottoms[0].device.type, enabled=False):
+        kind = bottoms[0].device.type if bottoms and isinstance(bottoms[0], torch.Tensor) else None
+        if (self.float32 or self.is_loss) and kind in ("cpu", "cuda") and torch.is_autocast_enabled(kind):
+            with torch.autocast(kind, enabled=False):
                 return super().__call__(*(b.float() if isinstance(b, torch.Tensor) and b.is_floating_point()
                                           else b for b in bottoms), **kwargs)
         return super().__call__(*bottoms, **kwargs)
