@@ -114,7 +114,7 @@ def _variants(net, hand, data, x, detections, folder, opencv, deploy, weights):
         runs[label] = (lambda f: lambda: f(**{data: x}))(warm_net)
     if importlib.util.find_spec("onnxruntime"):
         import onnxruntime
-        names = export_onnx(net, folder / "net.onnx")
+        names = export_onnx(net, folder / "net.onnx", batch=x.shape[0])
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
         session = onnxruntime.InferenceSession(str(folder / "net.onnx"), options,

@@ -694,6 +694,7 @@ def _export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-nms", action="store_true", help="leave DetectionOutput out: outputs are its "
                    "input blobs (loc, conf probabilities, priors) and the decoded boxes (default: "
                    "DetectionOutput as ONNX TopK + NonMaxSuppression, output 'detections')")
+    p.add_argument("--batch", type=int, help="batch size of the model's inputs (default: the deploy net's)")
 
 
 @command("export", "write a deploy net as an ONNX model for ONNX Runtime, TensorRT or edge runtimes "
@@ -704,7 +705,7 @@ def cmd_export(args) -> int:
     try:
         net = Net.from_prototxt(args.deploy, "TEST", device="cpu")
         net.load_trained(args.weights)
-        names = export_onnx(net, args.out, nms=not args.no_nms)
+        names = export_onnx(net, args.out, nms=not args.no_nms, batch=args.batch)
     except ExportError as err:
         raise UsageError(str(err)) from None
     print(f"wrote {args.out}: inputs {', '.join(net.inputs)}; outputs {', '.join(names)}")

@@ -21,7 +21,7 @@ and ``share_location: false`` are refused.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Union
+from typing import List, Optional, Union
 
 import torch
 
@@ -114,10 +114,11 @@ class _Detections(torch.nn.Module):
         return torch.where((best > -_INF).unsqueeze(-1), rows, torch.full_like(rows, -1.0))
 
 
-def export_onnx(net: Net, out: Union[str, Path], nms: bool = False) -> List[str]:
+def export_onnx(net: Net, out: Union[str, Path], nms: bool = False, batch: Optional[int] = None) -> List[str]:
     """Write ``net`` (a TEST-phase deploy net with one DetectionOutput) as an ONNX model at
-    ``out``, without DetectionOutput or (``nms``) with it as ONNX operators; returns the output
-    names (DetectionOutput's bottoms, ``boxes``, then ``detections`` with ``nms``)."""
+    ``out``, without DetectionOutput or (``nms``) with it as ONNX operators, for inputs of the
+    net's shapes (batch size ``batch`` if given); returns the output names (DetectionOutput's
+    bottoms, ``boxes``, then ``detections`` with ``nms``)."""
     layers = [layer for layer in net.layers if layer.caffe_type == "DetectionOutput"]
     if len(layers) != 1:
         raise ExportError(f"net '{net.name}' needs exactly one DetectionOutput layer, has {len(layers)}")
@@ -128,7 +129,10 @@ def export_onnx(net: Net, out: Union[str, Path], nms: bool = False) -> List[str]
     missing = [name for name in layer.lp.bottom[:3] if name not in names]
     if fast.fallback or missing:
         raise ExportError(f"net '{net.name}': {fast.fallback or 'blobs ' + ', '.join(missing) + ' are not traced'}")
-    inputs = [torch.zeros(net.blob_shapes[name], device=net.device) for name in input_names]
+    if batch is not None and batch < 1:
+        raise ExportError(f"batch size {batch} must be >= 1")
+    inputs = [torch.zeros(((batch,) if batch else tuple(net.blob_shapes[name][:1])) + tuple(net.blob_shapes[name][1:]),
+                          device=net.device) for name in input_names]
     traced = fast.traced_part()
     with torch.no_grad():
         traced(*inputs)                                       # records PriorBox outputs as constants

@@ -182,6 +182,12 @@ def test_export_command(tmp_path, capsys):
     assert capsys.readouterr().out.rstrip().endswith("boxes, detections")
     session = ort.InferenceSession(str(tmp_path / "b.onnx"), providers=["CPUExecutionProvider"])
     assert session.get_outputs()[-1].name == "detections"
+    assert cli.main(["export", str(deploy), "--weights", str(weights), str(tmp_path / "d.onnx"), "--batch", "2",
+                     "--no-nms"]) == 0
+    session = ort.InferenceSession(str(tmp_path / "d.onnx"), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape[0] == 2
+    assert cli.main(["export", str(deploy), "--weights", str(weights), str(tmp_path / "e.onnx"), "--batch", "0"]) == 2
+    capsys.readouterr()
     param = net.to_proto(with_blobs=False)
     [layer for layer in param.layer if layer.type == "DetectionOutput"][0].detection_output_param.nms_param.eta = 0.9
     io.write_net(param, deploy)
