@@ -269,7 +269,7 @@ def test_help_does_not_import_torch():
     import sys
     code = ("import sys, contextlib, io\n"
             "from deeper_ssd import cli\n"
-            "for argv in ([], ['train'], ['detect'], ['generate'], ['sizes']):\n"
+            "for argv in [[]] + [[name] for name in cli._COMMANDS]:\n"
             "    with contextlib.redirect_stdout(io.StringIO()):\n"
             "        try:\n"
             "            cli.main(argv + ['--help'])\n"
