@@ -13,7 +13,8 @@ in place of the train data layer:
 2. ``--iterations`` updates of :class:`deeper_ssd.solver.Solver` on one device, in float32 and
    with ``--amp`` bf16 and fp16 (CUDA; bf16 only on the CPU): images/s after one warm-up step,
    and every loss finite;
-3. with two or more GPUs: the same with two processes over NCCL (one GPU each), images/s per GPU.
+3. with two or more GPUs: the same with two processes over NCCL (one GPU each), images/s per GPU
+   (``--dry-run``: two CPU processes over gloo).
 
 Prints one line per run and a summary; exits 1 when a check failed, 2 on bad arguments. The
 figures belong in docs/performance.md, "GPU check".
@@ -116,8 +117,10 @@ def _rank(comm, model: str, batch: int, iterations: int, amp):
         solver.close()
 
 
-def check(models, device: torch.device, batch: int, iterations: int, tolerance: float, amps, gpus: int, say=print) -> bool:
-    """Run the check (module docstring); ``say`` gets each line. True when everything passed."""
+def check(models, device: torch.device, batch: int, iterations: int, tolerance: float, amps, ranks=(),
+          say=print) -> bool:
+    """Run the check (module docstring) on ``device`` and, when ``ranks`` names two devices,
+    with two processes on those; ``say`` gets each line. True when everything passed."""
     set_tf32(False)
     ok = True
     say(f"device {describe(device)}; torch {torch.__version__}; TF32 off; batch {batch}; {iterations} iterations")
@@ -141,14 +144,15 @@ def check(models, device: torch.device, batch: int, iterations: int, tolerance: 
             ok &= run["finite"]
             say(f"{model}: 1 x {device.type}, {amp or 'float32'}: {run['images_per_s']:.1f} images/s"
                 + ("" if run["finite"] else "; NON-FINITE LOSS"))
-        if gpus >= 2:
+        if len(ranks) >= 2:
+            kind, backend = torch.device(ranks[0]).type, distributed.backend_for(torch.device(ranks[0]))
             for amp in amps:
-                runs = distributed.spawn(_rank, ["cuda:0", "cuda:1"], args=(model, batch, iterations, amp))
+                runs = distributed.spawn(_rank, list(ranks), args=(model, batch, iterations, amp))
                 finite = all(r["finite"] for r in runs)
                 ok &= finite
-                say(f"{model}: 2 x cuda (nccl), {amp or 'float32'}: "
-                    f"{sum(r['images_per_s'] for r in runs) / 2:.1f} images/s per GPU"
-                    + ("" if finite else "; NON-FINITE LOSS"))
+                say(f"{model}: {len(ranks)} x {kind} ({backend}), {amp or 'float32'}: "
+                    f"{sum(r['images_per_s'] for r in runs) / len(runs):.1f} images/s per "
+                    f"{'GPU' if kind == 'cuda' else 'process'}" + ("" if finite else "; NON-FINITE LOSS"))
     say("GPU check " + ("passed" if ok else "FAILED"))
     return ok
 
@@ -161,7 +165,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=8, help="images per GPU")
     parser.add_argument("--tolerance", type=float, default=1e-4)
     parser.add_argument("--dry-run", action="store_true", help="CPU only, deeper_ssd500_tiny, batch 2, "
-                        "1 iteration: the script's own check")
+                        "1 iteration, two processes over gloo: the script's own check")
     args = parser.parse_args(argv)
     if args.dry_run:
         args.models, args.device, args.batch, args.iterations = "deeper_ssd500_tiny", "cpu", 2, 1
@@ -177,8 +181,8 @@ def main(argv=None) -> int:
         parser.error(str(err))
     cuda = device.type == "cuda"
     amps = [None, "bf16", "fp16"] if cuda else [None, "bf16"]
-    gpus = torch.cuda.device_count() if cuda else 0
-    return 0 if check(models, device, args.batch, args.iterations, args.tolerance, amps, gpus) else 1
+    ranks = ["cuda:0", "cuda:1"] if cuda and torch.cuda.device_count() >= 2 else (["cpu", "cpu"] if args.dry_run else [])
+    return 0 if check(models, device, args.batch, args.iterations, args.tolerance, amps, ranks) else 1
 
 
 if __name__ == "__main__":

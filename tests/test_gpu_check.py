@@ -1,17 +1,15 @@
 """The GPU check (bench/gpu_check.py): its CPU-only parts here, its GPU parts under the ``cuda``
 marker (skipped without a GPU): the tiny model's first-iteration loss on CUDA equals the CPU's
 within 1e-4, and mixed-precision training runs there."""
-import importlib.util
 import math
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu_check.py")
-gpu_check = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(gpu_check)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))   # spawned ranks import it too
+import gpu_check  # noqa: E402
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
 
@@ -23,6 +21,8 @@ def test_dry_run_goes_through_every_step_on_the_cpu(capsys):
     assert out[1].startswith("deeper_ssd500_tiny: first-iteration loss ") and out[1].endswith(
         "equal (tolerance 0.0001 relative)")
     assert [line.split(":")[1].split(",")[1].strip() for line in out[2:4]] == ["float32", "bf16"]
+    assert [line.split(":")[1].strip() for line in out[4:6]] == ["2 x cpu (gloo), float32", "2 x cpu (gloo), bf16"]
+    assert all("images/s per process" in line for line in out[4:6])
     assert out[-1] == "GPU check passed"
 
 
@@ -30,7 +30,7 @@ def test_a_loss_that_differs_from_the_cpu_fails_the_check(monkeypatch):
     losses = iter([10.0, 10.01])                   # the CPU's, then the device's
     monkeypatch.setattr(gpu_check, "first_loss", lambda solver: next(losses))
     lines = []
-    assert not gpu_check.check(["deeper_ssd500_tiny"], torch.device("cpu"), 2, 1, 1e-4, [], 0, lines.append)
+    assert not gpu_check.check(["deeper_ssd500_tiny"], torch.device("cpu"), 2, 1, 1e-4, [], say=lines.append)
     assert "DIFFERENT" in lines[1] and lines[-1] == "GPU check FAILED"
 
 
