@@ -117,7 +117,7 @@ def test_zoo_net_takes_every_base_layer_and_the_trainer_lists_them(converted, tm
     solver_param.ClearField("test_interval")
     solver_param.snapshot_prefix = str(tmp_path / "snap")
     lines = []
-    solver = Solver(solver_param, log=lines.append)
+    solver = Solver(solver_param, device="cpu", log=lines.append)
     solver.load_weights([str(converted["model"])])
     solver.close()
     assert [line.split()[-1] for line in lines if line.startswith("Copying source layer")] == BASE_LAYERS
