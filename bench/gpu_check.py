@@ -27,35 +27,21 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 from deeper_ssd import io  # noqa: E402
 from deeper_ssd.solver import Solver, distributed  # noqa: E402
 from deeper_ssd.solver.devices import DeviceError, describe, parse_device  # noqa: E402
 from deeper_ssd.solver.precision import set_tf32  # noqa: E402
+from synthetic import make_batch  # noqa: E402
 
 #: model -> generated prototxt folder
 MODELS = {"ssd300": "prototxt/ssd300_voc0712", "deeper_ssd500": "prototxt/deeper_ssd500",
           "deeper_ssd500_tiny": "prototxt/deeper_ssd500_tiny"}
-
-
-def make_batch(batch: int, size: int, classes: int, seed: int = 0):
-    """A fixed batch: images [batch, 3, size, size] (float32, ~N(0, 50²), as mean-subtracted
-    pixels) and a label blob [1, 1, G, 8] with 1-10 boxes per image."""
-    gen = torch.Generator().manual_seed(seed)
-    images = torch.randn((batch, 3, size, size), generator=gen) * 50
-    rng = np.random.default_rng(seed)
-    rows = []
-    for i in range(batch):
-        for _ in range(rng.integers(1, 11)):
-            xy = rng.uniform(0, 0.8, 2)
-            wh = rng.uniform(0.02, 0.5, 2)
-            rows.append([i, rng.integers(1, classes), 0, *xy, *np.minimum(xy + wh, 1.0), 0])
-    return images, torch.tensor(rows, dtype=torch.float32).view(1, 1, -1, 8)
 
 
 def make_solver(model: str, batch: int, device, amp=None, comm=None) -> Solver:

@@ -28,12 +28,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import handwritten  # noqa: E402
+from synthetic import make_batch  # noqa: E402
 
 from deeper_ssd import io  # noqa: E402
 from deeper_ssd.solver import Solver  # noqa: E402
@@ -43,19 +43,6 @@ MODELS = {
     "deeper_ssd500": ("prototxt/deeper_ssd500", handwritten.deeper_ssd500, 2),
     "deeper_ssd500_tiny": ("prototxt/deeper_ssd500_tiny", handwritten.deeper_ssd500_tiny, 2),
 }
-
-
-def make_batch(batch: int, size: int, classes: int, seed: int = 0):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn((batch, 3, size, size), generator=gen) * 50
-    rng = np.random.default_rng(seed)
-    rows = []
-    for i in range(batch):
-        for _ in range(rng.integers(1, 11)):
-            xy = rng.uniform(0, 0.8, 2)
-            wh = rng.uniform(0.02, 0.5, 2)
-            rows.append([i, rng.integers(1, classes), 0, *xy, *np.minimum(xy + wh, 1.0), 0])
-    return x, torch.tensor(rows, dtype=torch.float32).view(1, 1, -1, 8)
 
 
 def our_solver(folder: str, batch: int, device: str) -> Solver:
