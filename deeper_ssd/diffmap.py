@@ -68,7 +68,7 @@ def srtod_view(net: Net, image: np.ndarray) -> SRTODView:
     batch = preprocess(image, height, width, mean, denormalize.scale).to(net.device)
     net(keep_blobs=True, **{data: batch})
     recon_blob, image_blob = difference.lp.bottom
-    threshold = float(dgfe.blobs[-1].reshape(()))
+    threshold = float(dgfe.blobs[-1].detach().reshape(()))
     diff = net.blobs[dgfe.lp.bottom[1]][0, 0]
     mask = (torch.sign(diff - threshold) + 1) * 0.5
 
