@@ -7,6 +7,7 @@ from typing import List, Optional, Tuple
 import numpy as np
 import torch
 
+from ..proto import caffe_pb2
 from .base import Layer, format_shape
 from .registry import register
 
@@ -81,30 +82,8 @@ class PriorBox(Layer):
         if any(not v > 0 for v in p.variance):
             raise ValueError(f"variance must be positive, got {list(p.variance)}")
         self.variance = [float(v) for v in p.variance] if len(p.variance) else [0.1]
-        if p.HasField("img_h") or p.HasField("img_w"):
-            if p.HasField("img_size"):
-                raise ValueError("either img_size or img_h/img_w should be specified; not both")
-            if not (p.img_h > 0 and p.img_w > 0):
-                raise ValueError(f"img_h ({p.img_h}) and img_w ({p.img_w}) must both be > 0")
-            self.img_hw: Optional[Tuple[int, int]] = (p.img_h, p.img_w)
-        elif p.HasField("img_size"):
-            if not p.img_size > 0:
-                raise ValueError("img_size should be larger than 0")
-            self.img_hw = (p.img_size, p.img_size)
-        else:
-            self.img_hw = None
-        if p.HasField("step_h") or p.HasField("step_w"):
-            if p.HasField("step"):
-                raise ValueError("either step or step_h/step_w should be specified; not both")
-            if not (p.step_h > 0 and p.step_w > 0):
-                raise ValueError(f"step_h ({p.step_h}) and step_w ({p.step_w}) must both be > 0")
-            self.step_hw: Optional[Tuple[float, float]] = (p.step_h, p.step_w)
-        elif p.HasField("step"):
-            if not p.step > 0:
-                raise ValueError("step should be larger than 0")
-            self.step_hw = (p.step, p.step)
-        else:
-            self.step_hw = None
+        self.img_hw: Optional[Tuple[int, int]] = _height_width(p, "img_size", "img_h", "img_w")
+        self.step_hw: Optional[Tuple[float, float]] = _height_width(p, "step", "step_h", "step_w")
         if len(p.offset_h) or len(p.offset_w):
             if p.HasField("offset"):
                 raise ValueError("either offset or offset_h/offset_w should be specified; not both")
@@ -189,3 +168,20 @@ class PriorBox(Layer):
                 cache.clear()
             top = cache[key] = self.priors(*key)
         return top
+
+
+def _height_width(p: caffe_pb2.PriorBoxParameter, single: str, height: str, width: str):
+    """``(height, width)`` from a PriorBoxParameter's ``single`` field or its ``height``/``width``
+    pair (Caffe's checks: not both, all > 0); None when neither is set."""
+    if p.HasField(height) or p.HasField(width):
+        if p.HasField(single):
+            raise ValueError(f"either {single} or {height}/{width} should be specified; not both")
+        h, w = getattr(p, height), getattr(p, width)
+        if not (h > 0 and w > 0):
+            raise ValueError(f"{height} ({h}) and {width} ({w}) must both be > 0")
+        return (h, w)
+    if p.HasField(single):
+        if not getattr(p, single) > 0:
+            raise ValueError(f"{single} should be larger than 0")
+        return (getattr(p, single),) * 2
+    return None
