@@ -248,9 +248,10 @@ class Net(torch.nn.Module):
 
     @property
     def loss_weights(self) -> Dict[str, float]:
-        """Loss weight of every top that is part of the objective (:func:`top_loss_weights`)."""
-        return {top: weight for layer in self.layers
-                for top, weight in zip(layer.lp.top, top_loss_weights(layer)) if weight}
+        """Loss weight of every top that is part of the objective (:func:`top_loss_weights`, as
+        the execution plan recorded it)."""
+        return {top: weight for step in self._steps
+                for top, weight in zip(step.layer.lp.top, step.loss_weights) if weight}
 
     @property
     def inputs(self) -> List[str]:
