@@ -37,7 +37,6 @@ __all__ = [
     "SSDPlan", "PredictionLayer", "FrozenMap",
 ]
 
-WITH_BIAS = [dict(lr_mult=1, decay_mult=1), dict(lr_mult=2, decay_mult=0)]
 XAVIER = dict(type="xavier")
 #: the weight filler of the fork's ConvBNLayer (model_libs.py) for convolutions followed by BatchNorm
 FORK_BATCHNORM_FILLER = dict(type="gaussian", std=0.01)

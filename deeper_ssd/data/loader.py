@@ -207,10 +207,6 @@ class DataTiming:
         for hook in self.hooks:
             hook(self)
 
-    def reset(self) -> None:
-        self.total_wait_s = self.total_work_s = 0.0
-        self.batches = 0
-
 
 class BatchLoader:
     """Iterates an :class:`AnnotatedBatches` from batch ``start`` with ``num_workers`` worker
